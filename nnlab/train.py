@@ -1,0 +1,297 @@
+"""Training and evaluation: one loop that every chapter reuses.
+
+:func:`fit` is a plain PyTorch training loop with the hooks the later chapters
+need, so none of them writes its own loop:
+
+* ``loss_fn(logits, targets, inputs)`` replaces cross-entropy (distillation
+  uses it to ask the teacher about the same inputs);
+* ``penalty(model)`` is added to the loss (L1 and group-lasso regularisers);
+* ``callbacks`` run around every optimisation step (gradual pruning, the
+  growing random subset of quantisation-aware training).
+
+Accuracies are percentages (0 to 100) throughout nnlab.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._args import check_choice, check_float, check_int, check_positive_int
+
+__all__ = ["resolve_device", "seed_everything", "fit", "evaluate", "accuracy", "Callback"]
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def resolve_device(device) -> torch.device:
+    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"auto"`` or a torch.device into a torch.device.
+
+    ``"auto"`` (or None) picks CUDA when available, else the CPU.
+
+    Raises:
+        ValueError: the string is not a device, or names an accelerator this
+            machine does not have.
+    """
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(
+                f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {device!r}") from None
+    else:
+        raise TypeError(f"device must be a string or torch.device, got {device!r} ({type(device).__name__})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device='cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise ValueError(f"device={device!r} but Apple's MPS is not available on this machine")
+    elif dev.type != "cpu":
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {device!r}")
+    return dev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's random generators (CPU and CUDA)."""
+    check_int("seed", seed, minimum=0)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Callback:
+    """Base class for code that runs around each optimisation step of :func:`fit`.
+
+    Override any of the methods; ``step`` counts from 0 to ``total_steps - 1``.
+    A plain function passed as a callback is called as ``on_step_start``.
+    """
+
+    def on_step_start(self, step: int, total_steps: int, model: nn.Module) -> None:
+        pass
+
+    def on_step_end(self, step: int, total_steps: int, model: nn.Module) -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
+        pass
+
+
+def _loader(data, which="train"):
+    return getattr(data, which) if hasattr(data, which) and hasattr(data, "description") else data
+
+
+def _make_optimizer(optimizer, params, lr, momentum, weight_decay):
+    if callable(optimizer):
+        return optimizer(params)
+    check_choice("optimizer", optimizer, OPTIMIZERS)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def _make_schedule(schedule, opt, lr, total_steps):
+    if schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
+    return None
+
+
+def fit(
+    model: nn.Module,
+    data,
+    epochs: int,
+    *,
+    lr: float = 0.05,
+    optimizer: str | Callable = "sgd",
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    schedule: str = "onecycle",
+    loss_fn: Callable | None = None,
+    penalty: Callable[[nn.Module], torch.Tensor] | None = None,
+    callbacks: Iterable = (),
+    eval_data=None,
+    device="cpu",
+    seed: int = 0,
+    progress: bool = True,
+    desc: str = "train",
+) -> pd.DataFrame:
+    """Train ``model`` in place and return its history, one row per epoch.
+
+    Args:
+        model: the network; it is moved to ``device``.
+        data: a training DataLoader, or a DataBundle (its ``train`` loader).
+        epochs: number of passes over the training data (positive integer).
+        lr: peak learning rate.
+        optimizer: ``"sgd"`` (momentum, Nesterov), ``"adam"`` (AdamW) or a
+            function ``params -> torch.optim.Optimizer``.
+        momentum, weight_decay: optimiser settings.
+        schedule: ``"onecycle"`` (warm-up then anneal), ``"cosine"`` or
+            ``"constant"``.
+        loss_fn: ``loss_fn(logits, targets, inputs) -> scalar``; default
+            cross-entropy.
+        penalty: ``penalty(model) -> scalar`` added to the loss, e.g.
+            :func:`nnlab.regularize.l1_penalty`.
+        callbacks: :class:`Callback` objects (or functions called before each
+            step as ``fn(step, total_steps, model)``).
+        eval_data: a loader (or DataBundle: its ``test`` loader) evaluated after
+            each epoch; adds a ``test_acc`` column.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"mps"`` or ``"auto"``.
+        seed: seeds torch, NumPy and Python first, so the batch order,
+            augmentation and dropout repeat exactly on the same machine.
+        progress: show a ``tqdm.auto`` progress bar.
+        desc: label of the progress bar.
+
+    Returns:
+        pandas DataFrame with columns ``epoch``, ``loss``, ``train_acc``,
+        ``seconds`` (and ``test_acc`` when ``eval_data`` is given).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    epochs = check_positive_int("epochs", epochs)
+    check_float("lr", lr, low=0, low_open=True)
+    check_float("momentum", momentum, 0, 1, high_open=True)
+    check_float("weight_decay", weight_decay, low=0)
+    check_choice("schedule", schedule, SCHEDULES)
+    dev = resolve_device(device)
+    loader = _loader(data, "train")
+    eval_loader = None if eval_data is None else _loader(eval_data, "test")
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError("data has no batches to train on")
+    total = epochs * steps_per_epoch
+    hooks = [cb if not callable(cb) or isinstance(cb, Callback) else _FunctionCallback(cb) for cb in callbacks]
+
+    seed_everything(seed)
+    model.to(dev)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters")
+    opt = _make_optimizer(optimizer, params, lr, momentum, weight_decay)
+    sched = _make_schedule(schedule, opt, lr, total)
+    loss_fn = loss_fn or (lambda logits, targets, inputs: F.cross_entropy(logits, targets))
+
+    history, step = [], 0
+    bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
+    try:
+        for epoch in range(epochs):
+            model.train()
+            start = time.perf_counter()
+            loss_sum, correct, seen = 0.0, 0, 0
+            for x, y in loader:
+                x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+                for cb in hooks:
+                    cb.on_step_start(step, total, model)
+                logits = model(x)
+                loss = loss_fn(logits, y, x)
+                if penalty is not None:
+                    loss = loss + penalty(model)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; lower lr (now {lr})")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                for cb in hooks:
+                    cb.on_step_end(step, total, model)
+                n = y.shape[0]
+                loss_sum += loss.item() * n
+                correct += (logits.argmax(1) == y).sum().item()
+                seen += n
+                step += 1
+                bar.update(1)
+                if step % 10 == 0:
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / seen:.3f}")
+            row = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_acc": 100.0 * correct / seen,
+                   "seconds": time.perf_counter() - start}
+            for cb in hooks:
+                cb.on_epoch_end(epoch, model)
+            if eval_loader is not None:
+                row["test_acc"] = evaluate(model, eval_loader, device=dev)["top1"]
+            history.append(row)
+    finally:
+        bar.close()
+    model.eval()
+    return pd.DataFrame(history)
+
+
+class _FunctionCallback(Callback):
+    def __init__(self, fn):
+        self.fn = fn
+
+    def on_step_start(self, step, total_steps, model):
+        self.fn(step, total_steps, model)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: int | None = None) -> dict:
+    """Top-k accuracy (percent) and mean cross-entropy of ``model`` on ``data``.
+
+    Args:
+        model: the network (put in eval mode; left in eval mode).
+        data: a DataLoader, or a DataBundle (its ``test`` loader).
+        device: where to run; default where the model's parameters are.
+        topk: which top-k accuracies to report, e.g. ``(1, 5)``.
+        max_batches: stop after this many batches (for quick previews).
+
+    Returns:
+        dict with ``"top1"``, ``"top5"`` ... (percent), ``"loss"`` and ``"n"``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    topk = tuple(topk)
+    for k in topk:
+        check_positive_int("topk", k)
+    if device is None:
+        p = next(model.parameters(), None)
+        dev = p.device if p is not None else torch.device("cpu")
+    else:
+        dev = resolve_device(device)
+    loader = _loader(data, "test")
+    model.eval()
+    hits = {k: 0 for k in topk}
+    loss_sum, n = 0.0, 0
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        x, y = x.to(dev), y.to(dev)
+        logits = model(x)
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        kmax = min(max(topk), logits.shape[1])
+        top = logits.topk(kmax, dim=1).indices
+        for k in topk:
+            hits[k] += (top[:, :k] == y[:, None]).any(1).sum().item()
+        n += y.shape[0]
+    if n == 0:
+        raise ValueError("data has no batches to evaluate")
+    out = {f"top{k}": 100.0 * hits[k] / n for k in topk}
+    out["loss"] = loss_sum / n
+    out["n"] = n
+    return out
+
+
+def accuracy(model: nn.Module, data, *, device=None) -> float:
+    """Top-1 accuracy (percent) of ``model`` on ``data`` (a loader or DataBundle's test set)."""
+    return evaluate(model, data, device=device, topk=(1,))["top1"]
+
+
