@@ -20,6 +20,18 @@ __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pic
 
 set_threads()
 
+_SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
+               "nna", "checks"}
+
+
+def __getattr__(name):
+    # Submodules load on first use (``nnlab.data.load_data(...)``), keeping ``import nnlab`` fast.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'nnlab' has no attribute {name!r}")
+
 
 def about() -> dict:
     """What nnlab runs on: versions, threads, device, data source and quick mode.

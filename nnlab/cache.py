@@ -27,7 +27,7 @@ from torch import nn
 
 from . import config
 from ._args import check_choice
-from .data import load_data
+from .data import load_data, make_loader
 from .models import MODELS, build_model
 from .train import evaluate, fit, resolve_device
 
@@ -128,8 +128,11 @@ def pretrained(
         quick: train the quick-mode recipe; default :func:`nnlab.quick_mode`.
         device: where to train (on a cache miss) and where the model is returned.
         verbose: print what is happening.
-        data: a DataBundle to train on, instead of loading ``dataset``; its
-            fingerprint enters the cache key.
+        data: a DataBundle whose images to use, instead of loading
+            ``dataset``; its fingerprint (data set, source, size, checksum)
+            enters the cache key.  Batch size and augmentation always come
+            from the model's recipe, so any bundle of the same images finds
+            the same cached model.
 
     Returns:
         The model in eval mode on ``device``; ``model.nnlab_metrics`` holds
@@ -141,8 +144,7 @@ def pretrained(
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = recipe["epochs"][1 if quick else 0]
     if data is None:
-        data = load_data(dataset, source, batch_size=recipe["batch_size"], augment=recipe["augment"],
-                         verbose=verbose)
+        data = load_data(dataset, source, verbose=verbose)
     in_channels, size = data.input_shape[0], data.input_shape[1]
     kwargs = {}
     if model.startswith("vgg"):
@@ -155,9 +157,10 @@ def pretrained(
     def build():
         if verbose:
             print(f"Training {model} for {epochs} epochs (done once, then cached) ...")
+        train = make_loader(data.train.dataset.with_augment(recipe["augment"]), recipe["batch_size"], shuffle=True)
         torch.manual_seed(seed)
         net = build_model(model, num_classes=data.num_classes, **kwargs)
-        history = fit(net, data, epochs, lr=recipe["lr"], optimizer=recipe["optimizer"], seed=seed,
+        history = fit(net, train, epochs, lr=recipe["lr"], optimizer=recipe["optimizer"], seed=seed,
                       device=dev, desc=f"train {model}")
         result = evaluate(net, data, device=dev)
         net.to("cpu")

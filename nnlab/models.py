@@ -113,6 +113,10 @@ def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
     return 0
 
 
+#: Layer types that change values in place and need no new activation buffer.
+IN_PLACE = ("ReLU", "ReLU6", "Identity", "Dropout", "Flatten", "BatchNorm1d", "BatchNorm2d")
+
+
 def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFrame:
     """Per-layer table of output shape, parameters, MACs and activation size.
 
@@ -120,7 +124,9 @@ def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFr
     count the multiply-accumulates of one image through Conv2d and Linear
     layers (dense: zeros are counted; the NNA report counts skipped zeros).
     ``activations`` is the number of values the layer outputs for one image;
-    the total row gives the sum, and ``table.attrs["max_activations"]`` the
+    the total row sums the layers that write a new tensor (element-wise
+    layers such as ReLU, batch norm or Flatten run in place on an
+    accelerator and are not counted again), and ``table.attrs["max_activations"]`` the
     largest one, the buffer a layer-by-layer accelerator must hold.
 
     Args:
@@ -166,8 +172,9 @@ def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFr
         model.train(was_training)
     table = pd.DataFrame(rows, columns=["layer", "type", "output_shape", "params", "macs", "activations"])
     total_params = sum(p.numel() for p in model.parameters())
+    stored = ~table["type"].isin(IN_PLACE)
     total = {"layer": "total", "type": "", "output_shape": "", "params": total_params,
-             "macs": int(table["macs"].sum()), "activations": int(table["activations"].sum())}
+             "macs": int(table["macs"].sum()), "activations": int(table.loc[stored, "activations"].sum())}
     table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
     table.attrs["max_activations"] = int(table["activations"].iloc[:-1].max()) if len(rows) else 0
     return table

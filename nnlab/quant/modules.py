@@ -1,0 +1,200 @@
+"""The modules a quantised network is made of.
+
+* :class:`WeightQuantizer`: a ``torch.nn.utils.parametrize`` parametrization
+  on a layer's ``weight``: the layer computes with ``fake_quantise(weight)``.
+  It also carries the state of random-subset retraining.
+* :class:`FixedMask`: the parametrization a torch pruning mask becomes, so the
+  chain is ``weight = quantise(mask * original)`` and pruned zeros stay zero.
+* :class:`ActQuantizer`: a module placed in the network (after the input and
+  after each ReLU) that first observes activations (calibration), then
+  fake-quantises them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._args import check_choice, check_float
+from .spec import QuantSpec
+from .tensor import SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
+
+__all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS"]
+
+ACT_METHODS = ("max", "percentile")
+
+
+class FixedMask(nn.Module):
+    """Parametrization ``w -> w * mask`` with a fixed 0/1 mask (pruned weights stay exactly zero).
+
+    Args:
+        mask: tensor of 0s and 1s shaped like the weight (a torch prune
+            ``weight_mask``).
+    """
+
+    def __init__(self, mask: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone().float())
+
+    def forward(self, w):
+        return w * self.mask
+
+
+class WeightQuantizer(nn.Module):
+    """Parametrization that fake-quantises a weight: ``w -> fake_quantise(w, spec, scale, zero_point)``.
+
+    Register it with :func:`torch.nn.utils.parametrize.register_parametrization`
+    (:func:`nnlab.quant.attach_quantisers` does this for every Conv2d and
+    Linear layer).
+
+    Args:
+        spec: the weight's QuantSpec (symmetric specs keep pruned zeros at 0).
+        weight: the current weight, used for the first scale and the shape.
+        method: scale choice, ``"max"``, ``"percentile"`` or ``"mse"``.
+        percentile: for ``method="percentile"``.
+
+    Attributes:
+        spec: the QuantSpec.
+        scale, zero_point: buffers (float32 and int32; 0-dim, or one entry per
+            output channel): the grid the weight is rounded onto.
+        track: when True (during retraining) the scale is recomputed from the
+            current weight at every training forward pass, so the grid follows
+            the weights as they move; when False the stored scale is used.
+        fraction: None (quantise every weight) or the share in [0, 1] of
+            weights quantised during training (random-subset retraining; the
+            others stay float).  Evaluation always quantises every weight.
+    """
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, method: str = "max", percentile: float = 99.9):
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {spec!r}")
+        check_choice("method", method, SCALE_METHODS)
+        self.spec, self.method, self.percentile = spec, method, percentile
+        self.shape = tuple(weight.shape)
+        scale, zero_point = compute_qparams(weight, spec, method, percentile)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        # Random-subset state: a random priority per weight; weights whose priority is
+        # below `fraction` are the quantised subset.  Growing `fraction` with a fixed
+        # priority grows the subset (old members stay); redrawing gives a new subset.
+        self.register_buffer("priority", None, persistent=False)
+        self.track = False
+        self.fraction = None
+
+    @torch.no_grad()
+    def observe(self, w: torch.Tensor) -> None:
+        """Recompute ``scale`` and ``zero_point`` from the weight ``w`` (in place)."""
+        scale, zero_point = compute_qparams(w, self.spec, self.method, self.percentile)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+
+    def set_subset(self, fraction: float | None, redraw: bool = False, generator=None) -> None:
+        """Quantise only a random ``fraction`` of the weights while training (None: all of them).
+
+        Args:
+            fraction: share of weights quantised, in [0, 1], or None.
+            redraw: draw a new random subset now (otherwise the subset only grows
+                as ``fraction`` grows: weights once quantised stay quantised).
+            generator: optional ``torch.Generator`` for the draw.
+        """
+        if fraction is None:
+            self.fraction = None
+            return
+        self.fraction = check_float("fraction", fraction, 0.0, 1.0)
+        if redraw or self.priority is None:
+            self.priority = torch.rand(self.shape, generator=generator).to(self.scale.device)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track:
+            self.observe(w)
+        wq = fake_quantise(w, self.spec, self.scale, self.zero_point)
+        if self.training and self.fraction is not None and self.fraction < 1.0:
+            wq = torch.where(self.priority < self.fraction, wq, w)
+        return wq
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        """The int32 grid integers of ``w`` (what the accelerator stores)."""
+        return quantise(w, self.spec, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec}, method={self.method!r}"
+
+
+class ActQuantizer(nn.Module):
+    """Fake-quantises the activations that flow through it; calibrated on a few batches first.
+
+    In calibration mode it passes values through unchanged and records their
+    range; :meth:`end_calibration` turns the range into ``scale`` and
+    ``zero_point`` and switches to quantising.
+
+    Args:
+        spec: the activations' QuantSpec (unsigned, zero point 0 after a ReLU;
+            asymmetric at the network input).
+        method: ``"max"`` (the largest range seen) or ``"percentile"`` (the
+            mean over batches of each batch's percentile: clips outliers).
+        percentile: for ``method="percentile"``.
+
+    Attributes:
+        spec, scale, zero_point: as for :class:`WeightQuantizer` (per tensor).
+        calibrating: True while observing.
+        lo, hi, batches: buffers with the observed range and the batch count.
+    """
+
+    def __init__(self, spec: QuantSpec, method: str = "max", percentile: float = 99.99):
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, got {spec!r}")
+        if spec.per_channel:
+            raise ValueError(f"activation quantisers are per tensor; got spec.granularity={spec.granularity!r}")
+        check_choice("method", method, ACT_METHODS)
+        check_float("percentile", percentile, 50.0, 100.0, low_open=True)
+        self.spec, self.method, self.percentile = spec, method, percentile
+        self.register_buffer("scale", torch.tensor(1.0))
+        self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
+        self.register_buffer("lo", torch.tensor(0.0))
+        self.register_buffer("hi", torch.tensor(0.0))
+        self.register_buffer("batches", torch.tensor(0))
+        self.calibrating = True
+
+    def start_calibration(self) -> None:
+        """Forget the observed range and pass activations through unchanged while observing."""
+        self.lo.zero_()
+        self.hi.zero_()
+        self.batches.zero_()
+        self.calibrating = True
+
+    @torch.no_grad()
+    def _observe(self, x):
+        if self.method == "max" or x.numel() == 0:
+            lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+            self.lo.copy_(torch.minimum(self.lo, lo))
+            self.hi.copy_(torch.maximum(self.hi, hi))
+        else:
+            flat = x.detach().float().flatten()
+            if flat.numel() > 1_000_000:  # torch.quantile's size limit; a strided sample suffices
+                flat = flat[:: flat.numel() // 1_000_000 + 1]
+            q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100],
+                                                  device=flat.device))
+            n = self.batches.float()
+            self.lo.copy_((self.lo * n + q[0].clamp(max=0.0)) / (n + 1))
+            self.hi.copy_((self.hi * n + q[1].clamp(min=0.0)) / (n + 1))
+        self.batches += 1
+
+    @torch.no_grad()
+    def end_calibration(self) -> None:
+        """Set ``scale`` and ``zero_point`` from the observed range and start quantising."""
+        scale, zero_point = qparams_from_range(self.lo, self.hi, self.spec)
+        self.scale.copy_(scale)
+        self.zero_point.copy_(zero_point)
+        self.calibrating = False
+
+    def forward(self, x):
+        if self.calibrating:
+            self._observe(x)
+            return x
+        return fake_quantise(x, self.spec, self.scale, self.zero_point)
+
+    def extra_repr(self) -> str:
+        state = "calibrating" if self.calibrating else f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}"
+        return f"spec={self.spec}, {state}"

@@ -1,0 +1,81 @@
+"""The files that install nnlab agree with each other, and notebooks are committed clean."""
+
+import json
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# PyPI name -> conda-forge name, where they differ.
+CONDA_NAME = {"torch": "pytorch-cpu"}
+
+
+def runtime_dependencies():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    names = []
+    for req in meta["project"]["dependencies"]:
+        names.append(re.match(r"[A-Za-z0-9_.\-]+", req).group(0).lower())
+    return names
+
+
+def conda_packages(path):
+    pkgs = []
+    for line in path.read_text().splitlines():
+        m = re.match(r"\s*-\s+([A-Za-z0-9_.\-]+)", line.split("#")[0])
+        if m:
+            pkgs.append(m.group(1).lower())
+    return pkgs
+
+
+@pytest.mark.parametrize("env_file", ["environment.yml", "binder/environment.yml"])
+def test_environment_files_list_every_runtime_dependency(env_file):
+    path = ROOT / env_file
+    text = path.read_text()
+    assert "conda-forge" in text and "defaults" not in text
+    pkgs = conda_packages(path)
+    missing = [d for d in runtime_dependencies() if CONDA_NAME.get(d, d) not in pkgs]
+    assert not missing, f"{env_file} lacks {missing}"
+    # CPU-only PyTorch, never an editable install of the local checkout.
+    assert "pytorch-cpu" in pkgs and "cuda" not in text.lower()
+    assert "-e ." not in text and "--editable" not in text
+
+
+def test_every_conda_dependency_has_a_comment():
+    for env_file in ("environment.yml", "binder/environment.yml"):
+        for line in (ROOT / env_file).read_text().splitlines():
+            m = re.match(r"\s*-\s+([A-Za-z0-9_.\-]+)", line)
+            if m and m.group(1) not in ("python", "pip", "conda-forge"):
+                assert "#" in line, f"{env_file}: say why {m.group(1)} is needed"
+
+
+def test_binder_postbuild_installs_nnlab():
+    post = ROOT / "binder" / "postBuild"
+    text = post.read_text()
+    assert post.stat().st_mode & 0o111, "postBuild must be executable"
+    assert re.search(r"pip install[^\n]*\s\.(\s|$)", text), "postBuild must pip-install the checkout"
+
+
+def notebooks():
+    return sorted((ROOT / "notebooks").rglob("*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert any(p.name.startswith("00_") for p in notebooks())
+
+
+@pytest.mark.parametrize("path", notebooks(), ids=lambda p: p.name)
+def test_notebooks_are_stripped(path):
+    nb = json.loads(path.read_text())
+    for i, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{path.name} cell {i} has outputs: run `make strip`"
+            assert cell.get("execution_count") is None, f"{path.name} cell {i} has an execution count"
+
+
+def test_readme_quick_start_is_two_commands():
+    text = (ROOT / "README.md").read_text()
+    assert "make lab" in text and "make test" in text
+    assert "conda env create -f environment.yml" in text
+    assert "mybinder.org" in text and "00_" in text
