@@ -99,8 +99,9 @@ def _close_scalar(got, expected, rtol=1e-5):
         value = float(got.detach()) if isinstance(got, torch.Tensor) else float(got)
     except (TypeError, ValueError):
         return False, f"expected a number (or 0-dim tensor), got {type(got).__name__}"
-    if not np.isclose(value, float(expected), rtol=rtol, atol=1e-7):
-        return False, f"expected {float(expected):.6f}, got {value:.6f}"
+    expected = float(expected.detach()) if isinstance(expected, torch.Tensor) else float(expected)
+    if not np.isclose(value, expected, rtol=rtol, atol=1e-7):
+        return False, f"expected {expected:.6f}, got {value:.6f}"
     return True, ""
 
 

@@ -37,7 +37,8 @@ from torch import nn
 
 from . import config
 from ._args import check_choice, check_float, check_positive_int
-from .prune import apply_masks, iterative_coring, sparsity
+from .prune import apply_masks, iterative_coring
+from .prune import sparsity as measured_sparsity
 from .train import _loader, accuracy, fit, resolve_device
 
 __all__ = ["RECIPE", "distillation_loss", "distill", "prune_and_distill", "pretrained_sparse"]
@@ -271,7 +272,7 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
                                     device=dev, seed=seed, progress=verbose)
         student.to("cpu")
         metrics = {"top1": accuracy(student, data), "dense_top1": accuracy(teacher, data),
-                   "sparsity": sparsity(student), "history": history.to_dict(orient="list")}
+                   "sparsity": measured_sparsity(student), "history": history.to_dict(orient="list")}
         return {"state_dict": student.state_dict(), "metrics": metrics}
 
     def restore(payload):

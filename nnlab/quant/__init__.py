@@ -6,7 +6,7 @@ Modules, one subject each:
 * :mod:`nnlab.quant.tensor`: scale choice and (fake) quantisation of tensors;
 * :mod:`nnlab.quant.modules`: :class:`WeightQuantizer`, :class:`ActQuantizer`, :class:`FixedMask`;
 * :mod:`nnlab.quant.model`: post-training quantisation of a network (:func:`quantise_model`);
-* :mod:`nnlab.quant.retrain`: retraining for low bits (:func:`retrain`: straight-through
+* :mod:`nnlab.quant.retraining`: retraining for low bits (:func:`retrain`: straight-through
   or random-subset) and :func:`pretrained_quantised`, a cached retrained model.
 
 How a quantised model is represented
@@ -48,7 +48,7 @@ returns an ordinary ``nn.Module`` built from the float model:
 from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizers, attach_quantisers, calibrate, describe,
                     distinct_values, freeze, quantise_model, quantised_weight, weight_layers, weight_quantizer)
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
-from .retrain import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
 from .tensor import (MIN_SCALE, SCALE_METHODS, compute_qparams, dequantise, fake_quantise, grid_levels,
                      qparams_from_range, quantise, value_range)

@@ -2,7 +2,7 @@
 
 :func:`quantise_model` is post-training quantisation in one call
 (:func:`attach_quantisers` then :func:`calibrate`).  The result is an
-ordinary ``nn.Module``: evaluate it, retrain it (:mod:`nnlab.quant.retrain`)
+ordinary ``nn.Module``: evaluate it, retrain it (:mod:`nnlab.quant.retraining`)
 or hand it to the NNA simulator.
 """
 
@@ -24,7 +24,7 @@ from .tensor import SCALE_METHODS, fake_quantise
 
 __all__ = ["INPUT_QUANTIZER", "WEIGHT_LAYERS", "weight_layers", "weight_quantizer", "act_quantizers",
            "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
-           "quantised_weight"]
+           "quantised_weight", "act_quantizer_names"]
 
 #: Layer types whose weights are quantised.
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -94,6 +94,22 @@ def _mask_to_parametrization(layer: nn.Module) -> None:
     parametrize.register_parametrization(layer, "weight", FixedMask(mask))
 
 
+def _deepcopy(model: nn.Module) -> nn.Module:
+    """copy.deepcopy that also works for pruned layers.
+
+    torch.nn.utils.prune keeps ``weight = weight_orig * weight_mask`` as a plain
+    attribute that may carry autograd history, which deepcopy refuses; it is
+    recomputed here without history (its pre-hook recomputes it at every
+    forward pass anyway).
+    """
+    with torch.no_grad():
+        for layer in model.modules():
+            for hook in layer._forward_pre_hooks.values():
+                if isinstance(hook, prune.BasePruningMethod):
+                    setattr(layer, hook._tensor_name, hook.apply_mask(layer))
+    return copy.deepcopy(model)
+
+
 def _weight_spec(bits, granularity, narrow_range, value, name):
     if isinstance(value, QuantSpec):
         return value
@@ -114,32 +130,50 @@ def _check_overrides(arg, overrides, valid):
     return overrides
 
 
-def _insert_act_quantizers(seq: nn.Sequential, make, prefix="", top=True):
-    """Rebuild ``seq``'s children with an ActQuantizer after every ReLU (and at the input if top)."""
+def _act_positions(seq: nn.Sequential, prefix=""):
+    """Names of the children of ``seq`` (and nested Sequentials) that an ActQuantizer follows.
+
+    The quantiser follows each ReLU, or the MaxPool2d right after it: max
+    pooling commutes with rounding onto a grid (both are monotone), so the
+    values are identical and a quarter as many get quantised.
+    """
+    names, items = [], list(seq._modules.items())
+    for i, (name, child) in enumerate(items):
+        if isinstance(child, nn.ReLU):
+            nxt = items[i + 1][1] if i + 1 < len(items) else None
+            if not isinstance(nxt, nn.MaxPool2d):
+                names.append(f"{prefix}{name}")
+        elif isinstance(child, nn.MaxPool2d) and i > 0 and isinstance(items[i - 1][1], nn.ReLU):
+            names.append(f"{prefix}{name}")
+        elif isinstance(child, nn.Sequential):
+            names += _act_positions(child, f"{prefix}{name}.")
+    return names
+
+
+def act_quantizer_names(model: nn.Module) -> list:
+    """Names the activation quantisers of ``model`` get (keys for ``act_overrides``), in order.
+
+    ``"input_quant"`` first, then ``"<n>_quant"`` for each module ``<n>`` a
+    quantiser follows: a ReLU, or the MaxPool2d directly after a ReLU.
+    """
+    if not isinstance(model, nn.Sequential):
+        return []
+    return [INPUT_QUANTIZER] + [n + _ACT_SUFFIX for n in _act_positions(model)]
+
+
+def _insert_act_quantizers(seq: nn.Sequential, make, positions, prefix="", top=True):
+    """Rebuild ``seq``'s children with an ActQuantizer after each of ``positions`` (and at the input if top)."""
     children = OrderedDict()
     if top:
         children[INPUT_QUANTIZER] = make(INPUT_QUANTIZER)
     for name, child in seq._modules.items():
         children[name] = child
         full = f"{prefix}{name}"
-        if isinstance(child, nn.ReLU):
-            children[name + _ACT_SUFFIX] = make(full)
+        if full in positions:
+            children[name + _ACT_SUFFIX] = make(full + _ACT_SUFFIX)
         elif isinstance(child, nn.Sequential):
-            _insert_act_quantizers(child, make, prefix=f"{full}.", top=False)
+            _insert_act_quantizers(child, make, positions, prefix=f"{full}.", top=False)
     seq._modules = children
-
-
-def _relu_names(model):
-    names = []
-
-    def walk(seq, prefix):
-        for name, child in seq._modules.items():
-            if isinstance(child, nn.ReLU):
-                names.append(f"{prefix}{name}")
-            elif isinstance(child, nn.Sequential):
-                walk(child, f"{prefix}{name}.")
-    walk(model, "")
-    return names
 
 
 def attach_quantisers(
@@ -163,8 +197,10 @@ def attach_quantisers(
     :class:`FixedMask` parametrization applied first, so pruned weights stay
     exactly zero.  Activations (when ``act_bits`` is given): an
     :class:`ActQuantizer` named ``"input_quant"`` in front of the first layer
-    (asymmetric: normalised images are signed) and one named
-    ``"<relu name>_quant"`` after each ReLU (unsigned, zero point 0).
+    (asymmetric: normalised images are signed) and one after each ReLU
+    (unsigned, zero point 0), named ``"<n>_quant"`` after the module ``<n>``
+    it follows: the ReLU, or the MaxPool2d right after it (pooling commutes
+    with rounding, so the values are the same and 4x fewer are quantised).
     Original layers keep their names, but positional indices shift
     (``model[0]`` is now the input quantiser): use ``get_submodule("3")``.
 
@@ -180,8 +216,9 @@ def attach_quantisers(
         act_method: ``"max"`` or ``"percentile"`` activation ranges.
         overrides: per-layer weight choice, ``{"0": 8, "11": QuantSpec(...)}``
             (a bit-depth or a full QuantSpec), keyed by Conv2d/Linear name.
-        act_overrides: per-quantiser activation bits or spec, keyed by
-            ``"input_quant"`` or the name of the ReLU it follows.
+        act_overrides: per-quantiser activation bits or spec, keyed by the
+            quantiser's name (see :func:`act_quantizer_names`), e.g.
+            ``{"input_quant": 8, "2_quant": 6}``.
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns:
@@ -214,10 +251,10 @@ def attach_quantisers(
         if not isinstance(model, nn.Sequential):
             raise ValueError(f"activation quantisation needs an nn.Sequential model, got {type(model).__name__}; "
                              f"pass act_bits=None to quantise the weights only")
-    act_overrides = _check_overrides("act_overrides", act_overrides, [INPUT_QUANTIZER] + _relu_names(model))
+    act_overrides = _check_overrides("act_overrides", act_overrides, act_quantizer_names(model))
 
     if not inplace:
-        model = copy.deepcopy(model)
+        model = _deepcopy(model)
     layers = weight_layers(model)
     for name, layer in layers.items():
         value = overrides.get(name, weight_bits)
@@ -240,7 +277,7 @@ def attach_quantisers(
             else:
                 spec = QuantSpec.for_activations(value)
             return ActQuantizer(spec, method=act_method)
-        _insert_act_quantizers(model, make)
+        _insert_act_quantizers(model, make, set(_act_positions(model)))
         device = next(model.parameters()).device
         model.to(device)
     return model.eval()

@@ -17,7 +17,7 @@ from torch import nn
 
 from .._args import check_choice, check_float
 from .spec import QuantSpec
-from .tensor import SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
+from .tensor import MIN_SCALE, SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
 
 __all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS"]
 
@@ -57,9 +57,11 @@ class WeightQuantizer(nn.Module):
         spec: the QuantSpec.
         scale, zero_point: buffers (float32 and int32; 0-dim, or one entry per
             output channel): the grid the weight is rounded onto.
-        track: when True (during retraining) the scale is recomputed from the
-            current weight at every training forward pass, so the grid follows
-            the weights as they move; when False the stored scale is used.
+        clip: buffer, the scale as a fraction of the no-clipping scale
+            ``max|w| / quant_max`` (1 for method "max").
+        track: when True (during retraining) the scale follows the current
+            weight at every training forward pass (:meth:`follow`), so the
+            grid moves with the weights; when False the stored scale is used.
         fraction: None (quantise every weight) or the share in [0, 1] of
             weights quantised during training (random-subset retraining; the
             others stay float).  Evaluation always quantises every weight.
@@ -75,6 +77,8 @@ class WeightQuantizer(nn.Module):
         scale, zero_point = compute_qparams(weight, spec, method, percentile)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
+        self.register_buffer("clip", torch.ones_like(scale))
+        self.observe(weight)
         # Random-subset state: a random priority per weight; weights whose priority is
         # below `fraction` are the quantised subset.  Growing `fraction` with a fixed
         # priority grows the subset (old members stay); redrawing gives a new subset.
@@ -82,12 +86,38 @@ class WeightQuantizer(nn.Module):
         self.track = False
         self.fraction = None
 
+    def _max_scale(self, w):
+        """max|w| / quant_max, per tensor or per channel (the scale of method "max")."""
+        spec = self.spec
+        if spec.per_channel:
+            dims = [d for d in range(w.dim()) if d != spec.ch_axis]
+            top = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+        else:
+            top = w.detach().abs().max()
+        return (top / spec.quant_max).clamp_(min=MIN_SCALE)
+
     @torch.no_grad()
     def observe(self, w: torch.Tensor) -> None:
-        """Recompute ``scale`` and ``zero_point`` from the weight ``w`` (in place)."""
+        """Recompute ``scale`` and ``zero_point`` from the weight ``w`` with the quantiser's method (in place)."""
         scale, zero_point = compute_qparams(w, self.spec, self.method, self.percentile)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
+        if self.spec.symmetric and self.spec.signed and w.numel() > 0:
+            self.clip.copy_((self.scale / self._max_scale(w)).clamp_(max=1.0))
+
+    @torch.no_grad()
+    def follow(self, w: torch.Tensor) -> None:
+        """Cheap update of the scale while retraining: keep the clipping ratio, follow max |w|.
+
+        For symmetric signed specs the scale becomes ``clip * max|w| / quant_max``,
+        where ``clip`` (1 for method "max", below 1 for "percentile" and "mse")
+        was found by the last :meth:`observe`; three small kernels instead of a
+        search.  Other specs fall back to :meth:`observe`.
+        """
+        if not (self.spec.symmetric and self.spec.signed) or w.numel() == 0:
+            return self.observe(w)
+        torch.mul(self._max_scale(w), self.clip, out=self.scale)
+        self.scale.clamp_(min=MIN_SCALE)
 
     def set_subset(self, fraction: float | None, redraw: bool = False, generator=None) -> None:
         """Quantise only a random ``fraction`` of the weights while training (None: all of them).
@@ -107,7 +137,7 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.training and self.track:
-            self.observe(w)
+            self.follow(w)
         wq = fake_quantise(w, self.spec, self.scale, self.zero_point)
         if self.training and self.fraction is not None and self.fraction < 1.0:
             wq = torch.where(self.priority < self.fraction, wq, w)
