@@ -193,6 +193,7 @@ def fit(
     bar = tqdm(total=total, desc=desc, disable=not progress, leave=False)
     try:
         for epoch in range(epochs):
+            _set_epoch(loader, epoch)
             model.train()
             start = time.perf_counter()
             loss_sum, correct, seen = 0.0, 0, 0
@@ -233,6 +234,15 @@ def fit(
         bar.close()
     model.eval()
     return pd.DataFrame(history)
+
+
+def _set_epoch(loader, epoch):
+    """Tell a DistributedSampler (possibly inside a BatchSampler) which epoch it is, so shuffles differ per epoch."""
+    for sampler in (getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None)):
+        for s in (sampler, getattr(sampler, "sampler", None)):
+            if hasattr(s, "set_epoch"):
+                s.set_epoch(epoch)
+                return
 
 
 class _FunctionCallback(Callback):

@@ -39,7 +39,7 @@ MOVE_TIMEOUT_S = 20
 
 # What a user moves, and what a widget shows.
 CONTROLS = ".widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-checkbox"
-_WIDGET_MARKERS = ("nnlab.widgets", "_explorer(", "ipywidgets")
+_WIDGET_MARKERS = ("nnlab.widgets", "_explorer(")
 
 
 def widget_notebooks():

@@ -28,12 +28,16 @@ returns an ordinary ``nn.Module`` built from the float model:
   ``(codes, spec, scale, zero_point)`` with the int32 codes.  Biases stay float.
 * **Activations.** :class:`ActQuantizer` modules are inserted into the
   ``nn.Sequential``: ``"input_quant"`` first (asymmetric unsigned spec with a
-  zero point: the normalised image is signed) and ``"<n>_quant"`` right after
-  each ReLU ``"<n>"`` (unsigned, zero point 0).  Each holds ``spec``,
-  ``scale`` and ``zero_point`` (0-dim).  The network's output (logits) is not
-  quantised.  Walking ``model.named_modules()`` yields, in data-flow order,
-  the input quantiser, then each weight layer followed by the quantiser after
-  its ReLU (a MaxPool2d may sit between them: it keeps values on the grid).
+  zero point: the normalised image is signed) and one quantiser per ReLU
+  (unsigned, zero point 0), named ``"<n>_quant"`` after the module ``<n>`` it
+  follows: the ReLU itself, or the MaxPool2d that directly follows the ReLU
+  (max pooling commutes with rounding, so the values are identical and a
+  quarter as many are quantised).  Each holds ``spec``, ``scale`` and
+  ``zero_point`` (0-dim); ``act_quantizer_names(model)`` lists the names.
+  The network's output (logits) is not quantised.  Walking
+  ``model.named_modules()`` yields, in data-flow order, the input quantiser,
+  then for each weight layer: the layer, [BatchNorm], ReLU, [MaxPool2d], its
+  ActQuantizer.
 * **Grid semantics** (PyTorch's): ``q = clamp(round(x * (1/scale)) +
   zero_point, spec.quant_min, spec.quant_max)``, rounding half to even, and
   ``x_hat = (q - zero_point) * scale``.
@@ -45,7 +49,7 @@ returns an ordinary ``nn.Module`` built from the float model:
   the weights, so ``original`` already lies on the grid.
 """
 
-from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizers, attach_quantisers, calibrate, describe,
+from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_quantizers, attach_quantisers, calibrate, describe,
                     distinct_values, freeze, quantise_model, quantised_weight, weight_layers, weight_quantizer)
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
@@ -59,6 +63,6 @@ __all__ = [
     "grid_levels", "SCALE_METHODS", "MIN_SCALE",
     "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS",
     "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
-    "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
+    "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
     "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES",
 ]

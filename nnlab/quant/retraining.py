@@ -1,0 +1,266 @@
+"""Retraining for low bit-depths: straight-through QAT and the random-subset method.
+
+Both start from a quantised model (:func:`nnlab.quant.quantise_model`) and
+train it with :func:`nnlab.train.fit`; the weight grids follow the weights as
+they move, and activation grids keep their calibrated ranges.
+
+* ``method="ste"``: standard quantisation-aware training.  Every weight is
+  fake-quantised in every forward pass; the gradient goes "straight through"
+  the rounding to the float weight underneath.
+* ``method="random_subset"``: only a random subset of the weights is
+  quantised during training while the rest stays float and adapts around
+  them.  The quantised fraction grows on a *schedule* until it reaches 1; at
+  the end every weight is clamped to its nearest level (:func:`freeze`).
+
+  - ``schedule``: how the fraction grows with training progress p (0 at the
+    first step, 1 at the last): ``"linear"`` rises from ``start`` to 1 at
+    ``p = full_at``; ``"steps"`` halves the float share in ``stages`` equal
+    stages before ``full_at`` (``start``, then e.g. 0.5, 0.75, 0.875 ... for
+    ``start=0.5``, as in incremental network quantisation); ``"constant"``
+    keeps ``start`` until ``full_at``; or any function ``p -> fraction``.
+  - ``redraw``: True draws a new random subset at every step (each weight is
+    quantised in a growing share of the steps, like noise); False fixes one
+    random order of the weights, so the subset only grows and a weight once
+    quantised stays quantised.
+
+In both methods, weights inside the quantised subset receive the
+straight-through gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .._args import check_choice, check_float, check_positive_int
+from ..train import Callback, evaluate, fit
+from .model import act_quantizers, attach_quantisers, freeze, quantise_model, weight_layers, weight_quantizer
+
+__all__ = ["METHODS", "SCHEDULES", "RandomSubset", "retrain", "pretrained_quantised"]
+
+METHODS = ("ste", "random_subset")
+SCHEDULES = ("linear", "steps", "constant")
+
+
+def _quantizers(model):
+    qs = [weight_quantizer(layer) for layer in weight_layers(model).values()]
+    return [q for q in qs if q is not None]
+
+
+class RandomSubset(Callback):
+    """A :func:`nnlab.train.fit` callback that grows the randomly chosen quantised subset of the weights.
+
+    Before each step it sets every WeightQuantizer's ``fraction`` from the
+    schedule (and draws a new subset when ``redraw`` is True).
+
+    Args:
+        schedule: ``"linear"``, ``"steps"``, ``"constant"`` or a function
+            ``progress -> fraction`` (both in [0, 1]).
+        start: quantised fraction at the first step, in [0, 1].
+        full_at: training progress (0..1) from which every weight is quantised.
+        stages: number of stages of the ``"steps"`` schedule.
+        redraw: draw a new random subset every step (True) or grow one fixed
+            random order (False).
+
+    Attributes:
+        history: the fraction used at each step (for plots).
+    """
+
+    def __init__(self, schedule: str | Callable = "linear", start: float = 0.25, full_at: float = 0.75,
+                 stages: int = 3, redraw: bool = True):
+        if not callable(schedule):
+            check_choice("schedule", schedule, SCHEDULES)
+        self.schedule = schedule
+        self.start = check_float("start", start, 0.0, 1.0)
+        self.full_at = check_float("full_at", full_at, 0.0, 1.0)
+        self.stages = check_positive_int("stages", stages)
+        if not isinstance(redraw, bool):
+            raise TypeError(f"redraw must be True or False, got {redraw!r}")
+        self.redraw = redraw
+        self.history = []
+
+    def fraction(self, progress: float) -> float:
+        """The quantised fraction at training progress ``progress`` (0 = first step, 1 = end).
+
+        Args:
+            progress: in [0, 1].
+
+        Returns:
+            A fraction in [0, 1].
+        """
+        if callable(self.schedule):
+            return check_float("schedule(progress)", float(self.schedule(progress)), 0.0, 1.0)
+        if progress >= self.full_at:
+            return 1.0
+        ramp = progress / self.full_at
+        if self.schedule == "linear":
+            return self.start + (1.0 - self.start) * ramp
+        if self.schedule == "steps":
+            return 1.0 - (1.0 - self.start) * 0.5 ** math.floor(ramp * self.stages)
+        return self.start
+
+    def on_step_start(self, step, total_steps, model):
+        frac = self.fraction(step / max(1, total_steps))
+        self.history.append(frac)
+        for q in _quantizers(model):
+            q.set_subset(frac, redraw=self.redraw)
+
+
+def retrain(
+    model: nn.Module,
+    data,
+    epochs: int = 3,
+    *,
+    method: str = "random_subset",
+    schedule: str | Callable = "linear",
+    start: float = 0.25,
+    full_at: float = 0.75,
+    stages: int = 3,
+    redraw: bool = True,
+    lr: float = 0.01,
+    callbacks=(),
+    **fit_options,
+) -> pd.DataFrame:
+    """Retrain a quantised model so that it recovers accuracy at low bit-depth; then freeze its weights.
+
+    Args:
+        model: a quantised model (from :func:`nnlab.quant.quantise_model`),
+            trained in place.
+        data: DataBundle or training loader.
+        epochs: passes over the training data.
+        method: ``"ste"`` (every weight quantised, straight-through) or
+            ``"random_subset"`` (a growing random subset; see the module docstring).
+        schedule, start, full_at, stages, redraw: the random-subset schedule
+            (see :class:`RandomSubset`); ignored for ``"ste"``.
+        lr: peak learning rate (small: the weights start trained).
+        callbacks: more :func:`nnlab.train.fit` callbacks.
+        **fit_options: passed to :func:`nnlab.train.fit` (``device``,
+            ``seed``, ``eval_data``, ``progress`` ...).
+
+    Returns:
+        The training history from :func:`nnlab.train.fit`; its ``attrs["subset"]``
+        holds the RandomSubset callback (its ``history`` of fractions) for
+        the random-subset method.
+
+    Raises:
+        ValueError: unknown method, or a model without weight quantisers.
+    """
+    check_choice("method", method, METHODS)
+    quantizers = _quantizers(model)
+    if not quantizers:
+        raise ValueError("model has no WeightQuantizer; quantise it first with nnlab.quant.quantise_model")
+    subset = None
+    if method == "random_subset":
+        subset = RandomSubset(schedule, start=start, full_at=full_at, stages=stages, redraw=redraw)
+        callbacks = (subset, *callbacks)
+    for q in quantizers:
+        q.track = True
+        q.set_subset(None)
+    for a in act_quantizers(model).values():
+        if a.calibrating:
+            raise ValueError("calibrate the activation quantisers before retraining (nnlab.quant.calibrate)")
+    try:
+        history = fit(model, data, epochs, lr=lr, callbacks=callbacks,
+                      desc=fit_options.pop("desc", f"retrain {method}"), **fit_options)
+    finally:
+        freeze(model)
+    history.attrs["subset"] = subset
+    return history
+
+
+def pretrained_quantised(
+    model: str = "lenet5",
+    weight_bits: int = 4,
+    act_bits: int | None = 8,
+    *,
+    method: str = "random_subset",
+    epochs: int | None = None,
+    sparsity: float | None = None,
+    granularity: str = "per_channel",
+    overrides: dict | None = None,
+    lr: float = 0.01,
+    data=None,
+    device="cpu",
+    seed: int = 0,
+    quick: bool | None = None,
+    verbose: bool = True,
+) -> nn.Module:
+    """A quantised and retrained baseline, retrained once and loaded from the cache afterwards.
+
+    Starts from :func:`nnlab.cache.pretrained` (or, with ``sparsity``, from
+    :func:`nnlab.distill.pretrained_sparse`), quantises it
+    (:func:`quantise_model`) and retrains it (:func:`retrain`).
+
+    Args:
+        model: baseline name, e.g. ``"lenet5"``.
+        weight_bits, act_bits: bit-depths (act_bits None: float activations).
+        method: ``"ste"``, ``"random_subset"`` or ``"ptq"`` (no retraining).
+        epochs: retraining epochs; default 3 (1 in quick mode).
+        sparsity: start from the pruned network of this sparsity (e.g. 0.9).
+        granularity: weight scales ``"per_channel"`` or ``"per_tensor"``.
+        overrides: per-layer weight bits, as for :func:`attach_quantisers`.
+        lr: retraining learning rate.
+        data: DataBundle (default: ``nnlab.data.load_data()``).
+        device: where to train and where the model is returned.
+        seed: training seed.
+        quick: quick-mode recipe; default :func:`nnlab.quick_mode`.
+        verbose: print what is happening.
+
+    Returns:
+        The quantised model in eval mode; ``model.nnlab_metrics`` holds its
+        test accuracy (``top1``) and the settings.
+    """
+    from .. import cache, config
+    from ..data import load_data
+
+    check_choice("method", method, METHODS + ("ptq",))
+    quick = config.quick_mode() if quick is None else bool(quick)
+    epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
+    if data is None:
+        data = load_data(verbose=verbose)
+
+    def base():
+        if sparsity is None:
+            return cache.pretrained(model, data=data, quick=quick, seed=seed, device="cpu", verbose=verbose)
+        from .. import distill
+        return distill.pretrained_sparse(model=model, sparsity=sparsity, data=data, quick=quick, seed=seed,
+                                         device="cpu", verbose=verbose)
+
+    options = {"granularity": granularity, "overrides": overrides}
+    spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
+            "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
+            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick}
+
+    def build():
+        if verbose:
+            extra = f", layers {overrides}" if overrides else ""
+            sp = f"{sparsity:.0%}-sparse " if sparsity else ""
+            print(f"Quantising {sp}{model} to {weight_bits}-bit weights{extra} / {act_bits}-bit activations "
+                  f"({method}; done once, then cached) ...")
+        qmodel = quantise_model(base(), data, weight_bits, act_bits, **options)
+        if method != "ptq":
+            retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
+        qmodel.to("cpu")
+        metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in spec.items() if k != "data"}}
+        return {"state_dict": qmodel.state_dict(), "metrics": metrics}
+
+    def skeleton():
+        net = attach_quantisers(base(), weight_bits, act_bits, **options)
+        for a in act_quantizers(net).values():
+            a.calibrating = False
+        return net
+
+    def validate(payload):
+        skeleton().load_state_dict(payload["state_dict"])
+
+    sp = "" if sparsity is None else f"-sparse{round(100 * sparsity)}"
+    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}", spec, build,
+                           validate=validate, verbose=verbose)
+    net = skeleton()
+    net.load_state_dict(payload["state_dict"])
+    net.nnlab_metrics = dict(payload["metrics"])
+    return net.to(device).eval()

@@ -1,0 +1,251 @@
+"""Quantising whole networks: PTQ, retraining, pruned zeros, per-layer choices, bad input."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from nnlab import quant
+from nnlab.data import load_data
+from nnlab.models import LeNet5, LeNet300100
+from nnlab.train import accuracy, fit
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(train_limit=1000, test_limit=200, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def trained(data):
+    torch.manual_seed(0)
+    net = LeNet5()
+    fit(net, data, 4, optimizer="adam", lr=3e-3, progress=False)
+    assert accuracy(net, data) > 85
+    return net
+
+
+def _prune(net, amount):
+    for layer in quant.weight_layers(net).values():
+        prune.l1_unstructured(layer, "weight", amount=amount)
+    return net
+
+
+def _check_levels(model, spec_bits):
+    table = quant.distinct_values(model)
+    for row in table.itertuples():
+        bits = spec_bits.get(row.layer, None) if isinstance(spec_bits, dict) else spec_bits
+        assert row.max_per_channel <= 2 ** bits, row
+    return table
+
+
+def test_ptq_keeps_an_ordinary_module_and_the_levels(data, trained):
+    q = quant.quantise_model(trained, data, weight_bits=3, act_bits=8)
+    assert isinstance(q, nn.Sequential) and not any(isinstance(m, quant.ActQuantizer) for m in trained.modules())
+    _check_levels(q, 3)
+    for name in ("0", "3", "7", "9", "11"):
+        layer = q.get_submodule(name)
+        wq = quant.weight_quantizer(layer)
+        assert wq.spec.bits == 3 and wq.scale.shape == (layer.weight.shape[0],)
+        codes, spec, scale, zp = quant.quantised_weight(layer)
+        assert torch.equal(quant.dequantise(codes, spec, scale, zp), layer.weight)
+    # Activation quantisers in data-flow order: input, then after each ReLU (or its max pool).
+    assert list(quant.act_quantizers(q)) == ["input_quant", "2_quant", "5_quant", "8_quant", "10_quant"]
+    assert quant.act_quantizers(q)["input_quant"].spec.symmetric is False
+    x, _ = next(iter(data.test))
+    with torch.no_grad():
+        h = q.get_submodule("input_quant")(x)
+        a = quant.act_quantizers(q)["input_quant"]
+        assert torch.equal(h, quant.fake_quantise(x, a.spec, a.scale, a.zero_point))
+    table = quant.describe(q)
+    assert list(table.kind) == ["activation", "weight"] * 5
+    assert accuracy(q, data) > accuracy(trained, data) - 5
+
+
+def test_quantiser_after_pool_is_the_same_as_after_relu(data, trained):
+    """Max pooling commutes with rounding: quantising after the pool changes no value."""
+    q = quant.quantise_model(trained, data, None, 4)
+    aq = quant.act_quantizers(q)["2_quant"]
+    x, _ = next(iter(data.test))
+    with torch.no_grad():
+        h = trained[1](trained[0](x))
+        after_relu = nn.functional.max_pool2d(quant.fake_quantise(h, aq.spec, aq.scale, aq.zero_point), 2)
+        after_pool = aq(nn.functional.max_pool2d(h, 2))
+    assert torch.equal(after_relu, after_pool)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_high_bits_match_float(data, trained, bits):
+    q = quant.quantise_model(trained, data, weight_bits=bits, act_bits=None)
+    w, wq = trained[3].weight, q.get_submodule("3").weight
+    err = (w - wq).abs().max()
+    scale = quant.weight_quantizer(q.get_submodule("3")).scale.max()
+    assert err <= scale / 2 + 1e-6
+    if bits == 8:
+        assert abs(accuracy(q, data) - accuracy(trained, data)) <= 1.0
+
+
+def test_per_layer_overrides(data, trained):
+    spec = quant.QuantSpec(6, granularity="per_tensor")
+    q = quant.quantise_model(trained, data, 3, 8, overrides={"0": 8, "11": spec}, act_overrides={"input_quant": 6})
+    bits = {"0": 8, "3": 3, "7": 3, "9": 3, "11": 6}
+    table = _check_levels(q, bits)
+    assert dict(zip(table.layer, table.bits)) == bits
+    assert quant.weight_quantizer(q.get_submodule("11")).spec == spec
+    assert quant.act_quantizers(q)["input_quant"].spec.bits == 6
+    assert quant.act_quantizers(q)["2_quant"].spec.bits == 8
+
+
+def test_bad_arguments(data, trained):
+    with pytest.raises(ValueError, match="'5'.*valid names: '0', '3', '7', '9', '11'"):
+        quant.quantise_model(trained, data, 4, 8, overrides={"5": 8})
+    with pytest.raises(ValueError, match="act_overrides.*'1_quant'"):
+        quant.quantise_model(trained, data, 4, 8, act_overrides={"1_quant": 8})
+    with pytest.raises(ValueError, match="bits must be <= 16"):
+        quant.quantise_model(trained, data, 17, 8)
+    with pytest.raises(ValueError, match="bits must be >= 2"):
+        quant.quantise_model(trained, data, 4, 1)
+    with pytest.raises(TypeError, match="bits must be an integer"):
+        quant.quantise_model(trained, data, 4.0, 8)
+    with pytest.raises(TypeError, match="overrides"):
+        quant.quantise_model(trained, data, 4, 8, overrides={"0": 4.5})
+    with pytest.raises(ValueError, match="granularity"):
+        quant.quantise_model(trained, data, 4, 8, granularity="per_row")
+    with pytest.raises(ValueError, match="weight_method"):
+        quant.quantise_model(trained, data, 4, 8, weight_method="median")
+    with pytest.raises(ValueError, match="nn.Sequential"):
+        quant.attach_quantisers(nn.ModuleList([nn.Linear(2, 2)]), 4, 8)
+    q = quant.quantise_model(trained, data, 4, 8)
+    with pytest.raises(ValueError, match="already quantised"):
+        quant.quantise_model(q, data, 4, 8)
+    with pytest.raises(ValueError, match="method"):
+        quant.retrain(q, data, 1, method="adaround")
+    with pytest.raises(ValueError, match="schedule"):
+        quant.retrain(q, data, 1, schedule="cubic")
+
+
+def test_fully_pruned_and_constant_layers(data, trained):
+    net = LeNet5()
+    net.load_state_dict(trained.state_dict())
+    prune.l1_unstructured(net[0], "weight", amount=1.0)  # every weight of the first conv is zero
+    with torch.no_grad():
+        net[9].weight.fill_(0.25)  # a constant layer
+    q = quant.quantise_model(net, data, 2, 4)
+    for _, m in q.named_modules():
+        for buf in (getattr(m, "scale", None),):
+            if buf is not None:
+                assert torch.isfinite(buf).all() and (buf > 0).all()
+    x, _ = next(iter(data.test))
+    with torch.no_grad():
+        out = q(x)
+    assert torch.isfinite(out).all()
+    assert q.get_submodule("0").weight.eq(0).all()
+    assert torch.equal(q.get_submodule("9").weight, torch.full_like(net[9].weight, 0.25))
+    quant.retrain(q, data, 1, method="ste", progress=False)
+    assert q.get_submodule("0").weight.eq(0).all() and all(torch.isfinite(p).all() for p in q.parameters())
+
+
+@pytest.mark.parametrize("method", ["ste", "random_subset"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_retraining_keeps_levels_and_pruned_zeros(data, trained, method, granularity):
+    net = LeNet5()
+    net.load_state_dict(trained.state_dict())
+    _prune(net, 0.7)
+    zeros = {n: (layer.weight == 0) for n, layer in quant.weight_layers(net).items()}
+    q = quant.quantise_model(net, data, 3, 6, granularity=granularity)
+    for n, layer in quant.weight_layers(q).items():
+        assert torch.equal(layer.weight == 0, zeros[n] | (layer.weight == 0))
+        assert layer.weight[zeros[n]].eq(0).all()
+        assert isinstance(layer.parametrizations.weight[0], quant.FixedMask)
+    before = {n: layer.weight.detach().clone() for n, layer in quant.weight_layers(q).items()}
+    quant.retrain(q, data, 2, method=method, lr=0.05, progress=False)
+    _check_levels(q, 3)
+    for n, layer in quant.weight_layers(q).items():
+        assert layer.weight[zeros[n]].eq(0).all(), n  # pruned stays exactly zero
+        assert not torch.equal(layer.weight, before[n])  # it did train
+        # freeze() wrote the grid values into the stored weight itself
+        stored = layer.parametrizations.weight.original
+        assert quant.distinct_values(q).set_index("layer").loc[n, "max_per_channel"] <= 8
+        assert torch.equal(stored * layer.parametrizations.weight[0].mask, layer.weight)
+    # evaluation after freezing is stable: quantising again changes nothing
+    x, _ = next(iter(data.test))
+    with torch.no_grad():
+        assert torch.equal(q(x), q(x))
+
+
+def test_random_subset_schedules():
+    lin = quant.RandomSubset("linear", start=0.2, full_at=0.5)
+    assert lin.fraction(0.0) == pytest.approx(0.2) and lin.fraction(0.25) == pytest.approx(0.6)
+    assert lin.fraction(0.5) == 1.0 and lin.fraction(0.99) == 1.0
+    steps = quant.RandomSubset("steps", start=0.5, full_at=0.8, stages=3)
+    assert [steps.fraction(p) for p in (0.0, 0.3, 0.6, 0.8)] == [0.5, 0.75, 0.875, 1.0]
+    const = quant.RandomSubset("constant", start=0.3, full_at=0.5)
+    assert const.fraction(0.4) == 0.3 and const.fraction(0.6) == 1.0
+    custom = quant.RandomSubset(lambda p: p)
+    assert custom.fraction(0.3) == 0.3
+
+
+@pytest.mark.parametrize("redraw", [True, False])
+def test_random_subset_quantises_a_growing_subset(redraw):
+    torch.manual_seed(0)
+    layer = nn.Linear(50, 40)
+    q = quant.attach_quantisers(nn.Sequential(layer), 3, None, inplace=True)
+    lin = q[0]
+    wq = quant.weight_quantizer(lin)
+    w = lin.parametrizations.weight.original
+    full = quant.fake_quantise(w, wq.spec, wq.scale, wq.zero_point)
+    q.train()
+    subsets = []
+    for frac in (0.25, 0.5, 1.0):
+        wq.set_subset(frac, redraw=redraw)
+        out = lin.weight
+        on_grid = (out == full) & (out != w)
+        stays_float = out == w
+        assert torch.all(on_grid | stays_float | (full == w))
+        share = (~stays_float | (full == w)).float().mean().item()
+        assert abs(share - frac) < 0.08
+        subsets.append(wq.priority < frac)
+    if not redraw:  # the subset only grows
+        assert torch.all(subsets[1] >= subsets[0]) and torch.all(subsets[2] >= subsets[1])
+    q.eval()
+    assert torch.equal(lin.weight, full)  # evaluation quantises every weight
+
+
+def test_retraining_recovers_accuracy_at_two_bits(data, trained):
+    ptq = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
+    acc_ptq = accuracy(ptq, data)
+    accs = {}
+    for method in ("ste", "random_subset"):
+        q = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
+        history = quant.retrain(q, data, 3, method=method, lr=0.05, progress=False)
+        accs[method] = accuracy(q, data)
+        if method == "random_subset":
+            fractions = history.attrs["subset"].history
+            assert fractions[0] == pytest.approx(0.25) and fractions[-1] == 1.0
+            assert all(a <= b for a, b in zip(fractions, fractions[1:]))
+    assert accs["random_subset"] > acc_ptq + 5, (acc_ptq, accs)
+
+
+def test_weights_only_on_any_module(data):
+    torch.manual_seed(0)
+    net = LeNet300100()
+    q = quant.attach_quantisers(net, 5, None)
+    _check_levels(q, 5)
+    assert not quant.act_quantizers(q)
+
+
+def test_pretrained_quantised_is_cached(data, monkeypatch):
+    import nnlab.cache as cache
+    calls = []
+    real = quant.retrain
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+    monkeypatch.setattr("nnlab.quant.retraining.retrain", counting)
+    a = quant.pretrained_quantised("lenet5", 4, 8, data=data, quick=True, epochs=1, verbose=False)
+    b = quant.pretrained_quantised("lenet5", 4, 8, data=data, quick=True, epochs=1, verbose=False)
+    assert len(calls) == 1
+    assert a.nnlab_metrics["top1"] == b.nnlab_metrics["top1"] == accuracy(b, data)
+    _check_levels(b, 4)
+    assert all(not q.calibrating for q in quant.act_quantizers(b).values())
