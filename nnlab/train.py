@@ -109,7 +109,11 @@ def _make_optimizer(optimizer, params, lr, momentum, weight_decay):
 
 def _make_schedule(schedule, opt, lr, total_steps):
     if schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=0.25)
+        if total_steps < 3:  # one step up and one down is the shortest cycle
+            return None
+        # A quarter of the steps to warm up, but at least 2 so the ramp has a length.
+        pct_start = max(0.25, 2.0 / total_steps)
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total_steps, pct_start=pct_start)
     if schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps)
     return None
@@ -144,8 +148,8 @@ def fit(
         optimizer: ``"sgd"`` (momentum, Nesterov), ``"adam"`` (AdamW) or a
             function ``params -> torch.optim.Optimizer``.
         momentum, weight_decay: optimiser settings.
-        schedule: ``"onecycle"`` (warm-up then anneal), ``"cosine"`` or
-            ``"constant"``.
+        schedule: ``"onecycle"`` (warm-up then anneal; runs of fewer than 3
+            steps keep ``lr`` constant), ``"cosine"`` or ``"constant"``.
         loss_fn: ``loss_fn(logits, targets, inputs) -> scalar``; default
             cross-entropy.
         penalty: ``penalty(model) -> scalar`` added to the loss, e.g.

@@ -87,3 +87,14 @@ def test_fit_on_cuda(small_data):
     fit(m, small_data, 1, device="cuda", progress=False)
     assert m[0].weight.is_cuda
     assert evaluate(m, small_data)["top1"] > 50
+
+
+@pytest.mark.parametrize("n_images", [64, 128, 256, 320])
+def test_very_short_runs_train(n_images):
+    """1 to 5 optimisation steps: the one-cycle schedule must not divide by zero."""
+    data = load_data(train_limit=n_images, test_limit=50, verbose=False)
+    torch.manual_seed(0)
+    m = LeNet5()
+    before = m[0].weight.clone()
+    fit(m, data, 1, progress=False)
+    assert not torch.equal(before, m[0].weight)
