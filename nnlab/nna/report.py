@@ -1,0 +1,207 @@
+"""The cost report: bytes, MACs, memory traffic, energy and time per inference, per layer and in total.
+
+:func:`report` costs a program on an :class:`~nnlab.nna.config.NNAConfig`
+and, in the same table, the fp32 dense network on the same accelerator
+(:meth:`NNAConfig.as_fp32`).  The model (one image per inference), stated
+once here:
+
+* **Storage**: encoded weights plus parameters (:mod:`nnlab.nna.storage`);
+  fp32: 4 bytes per weight and per bias.
+* **MACs**: ``positions * weights`` for a dense layer (``positions`` = output
+  pixels of a convolution, 1 for a linear layer); with zero skipping only the
+  non-zero weights count.
+* **DRAM traffic**: every layer's stored weights and parameters are read once
+  per inference (the on-chip buffer holds activations, not the model); the
+  input image is read and the output written once; when a layer's input and
+  output activations do not fit in the buffer together, the output spills:
+  it is written to DRAM and read back (twice its size).
+* **SRAM traffic**: each weight, parameter, input and output activation
+  crosses the buffer's port once per layer (ideal reuse in the MAC array).
+* **Energy** (pJ, :class:`~nnlab.nna.config.EnergyTable`): MACs x (multiply
+  at the operands' bit-depths + add at the accumulator width), or fp32
+  multiply + add; SRAM per 64 bits at the buffer's size; DRAM per 64 bits.
+  Pooling and requantisation are neglected (a few operations per output,
+  against tens to hundreds of MACs).
+* **Time** (roofline): ``compute cycles = MACs / macs_per_cycle(bits)``,
+  ``memory cycles = DRAM bytes / bytes per cycle``; a layer takes the larger
+  (compute and transfers overlap) and is "compute"- or "memory"-bound.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .compiler import output_shapes
+from .config import SERIES2NX, NNAConfig
+from .program import FlattenLayer, InputLayer, Program, WeightLayer
+from .storage import encode_layer, parameter_bytes
+
+__all__ = ["report", "layer_costs", "summary", "COLUMNS"]
+
+#: The columns of :func:`report`.
+COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
+           "padding_B", "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B",
+           "energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio",
+           "cycles_compute", "cycles_memory", "cycles", "bound", "latency_us", "fp32_latency_us"]
+
+
+def _prod(shape) -> int:
+    return int(np.prod(shape)) if shape else 1
+
+
+def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame:
+    """Per-layer costs of ``program`` on ``config`` (no baseline, no total row).
+
+    With an fp32 config (``arithmetic="fp32"``) the layers are costed dense
+    in float32, whatever their integer bit-depths.
+
+    Args:
+        program: a compiled program.
+        config: the accelerator.
+
+    Returns:
+        DataFrame: ``layer``, ``op``, ``w_bits``, ``a_bits``, ``density``,
+        ``format``, ``payload_B``, ``index_B``, ``params_B``, ``padding_B``,
+        ``storage_B``, ``macs_dense``, ``macs``, ``dram_B``, ``sram_B``,
+        ``energy_mac_nJ``, ``energy_sram_nJ``, ``energy_dram_nJ``,
+        ``energy_nJ``, ``cycles_compute``, ``cycles_memory``, ``cycles``,
+        ``bound``, ``latency_us``.
+    """
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a nnlab.nna Program, got {type(program).__name__}")
+    if not isinstance(config, NNAConfig):
+        raise TypeError(f"config must be an NNAConfig, got {type(config).__name__}")
+    fp32 = config.arithmetic == "fp32"
+    e = config.energy
+    shapes = output_shapes(program)
+    rows, prev_shape, prev_bits = [], None, None
+    last = program.layers[-1]
+    for layer in program.layers:
+        out_shape = shapes[layer.name]
+        out_bits = 32 if fp32 else getattr(layer, "out_bits", getattr(layer, "bits", prev_bits))
+        if isinstance(layer, WeightLayer) and layer.out_scale is None:
+            out_bits = 32  # int32 sums (or fp32 logits)
+        row = {"layer": layer.name, "op": layer.op, "w_bits": np.nan, "a_bits": np.nan, "density": np.nan,
+               "format": "", "payload_B": 0.0, "index_B": 0.0, "params_B": 0.0, "padding_B": 0.0,
+               "macs_dense": 0, "macs": 0, "energy_mac_nJ": 0.0}
+        dram_bytes = sram_bits = 0.0
+        if isinstance(layer, InputLayer):
+            in_bits = 32 if fp32 else layer.bits
+            dram_bytes += _prod(out_shape) * in_bits / 8  # the image, read once
+            row["a_bits"] = in_bits
+            out_bits = in_bits
+        elif isinstance(layer, WeightLayer):
+            positions = _prod(out_shape[1:]) if layer.op == "conv2d" else 1
+            nnz = int(np.count_nonzero(layer.weight))
+            a_bits = 32 if fp32 else layer.in_bits
+            row.update(a_bits=a_bits, density=nnz / layer.weight.size, macs_dense=positions * layer.weight.size)
+            row["macs"] = positions * nnz if config.skip_zeros else row["macs_dense"]
+            if fp32:
+                row.update(w_bits=32, format="dense", payload_B=4.0 * layer.weight.size,
+                           params_B=4.0 * layer.out_channels)
+                mac_pj = e.fp32_mult + e.fp32_add
+                per_cycle = config.macs_per_cycle(32, 32)
+            else:
+                enc = encode_layer(layer, config)
+                fmt = enc.format + (f"/{enc.index_bits}b" if enc.index_bits else "")  # e.g. "runlength/4b"
+                row.update(w_bits=layer.weight_bits, format=fmt,
+                           payload_B=enc.payload_bits / 8, index_B=enc.index_bits_total / 8,
+                           padding_B=enc.padding_bits / 8, params_B=float(parameter_bytes(layer)))
+                mac_pj = e.mult(layer.weight_bits, a_bits) + e.add(config.accumulator_bits)
+                per_cycle = config.macs_per_cycle(layer.weight_bits, a_bits)
+            weights_bytes = row["payload_B"] + row["index_B"] + row["padding_B"] + row["params_B"]
+            dram_bytes += weights_bytes
+            in_act = _prod(prev_shape) * a_bits
+            sram_bits += 8 * weights_bytes + in_act
+            row["energy_mac_nJ"] = row["macs"] * mac_pj / 1000
+            row["cycles_compute"] = row["macs"] / per_cycle
+        if not isinstance(layer, InputLayer):
+            in_bits_total = _prod(prev_shape) * (32 if fp32 else (prev_bits or 8))
+            out_bits_total = _prod(out_shape) * out_bits
+            if isinstance(layer, FlattenLayer):
+                out_bits_total = 0  # a reshape, in place
+            elif (in_bits_total + out_bits_total) / 8 > config.buffer_bytes:
+                dram_bytes += 2 * out_bits_total / 8  # spill: written out, read back
+            sram_bits += out_bits_total
+            if layer is last:
+                dram_bytes += out_bits_total / 8  # the result leaves the chip
+        row["storage_B"] = row["payload_B"] + row["index_B"] + row["params_B"] + row["padding_B"]
+        row["dram_B"] = dram_bytes
+        row["sram_B"] = sram_bits / 8
+        row["energy_sram_nJ"] = sram_bits / 64 * e.sram_read(config.buffer_bytes) / 1000
+        row["energy_dram_nJ"] = dram_bytes * 8 / 64 * e.dram_64b / 1000
+        row["energy_nJ"] = row["energy_mac_nJ"] + row["energy_sram_nJ"] + row["energy_dram_nJ"]
+        row["cycles_compute"] = row.get("cycles_compute", 0.0)
+        row["cycles_memory"] = dram_bytes / config.dram_bytes_per_cycle
+        row["cycles"] = max(row["cycles_compute"], row["cycles_memory"])
+        row["bound"] = "" if row["cycles"] == 0 else (
+            "compute" if row["cycles_compute"] >= row["cycles_memory"] else "memory")
+        row["latency_us"] = row["cycles"] / config.clock_hz * 1e6
+        rows.append(row)
+        prev_shape, prev_bits = out_shape, out_bits
+    return pd.DataFrame(rows)
+
+
+def _total(table: pd.DataFrame, label="total") -> dict:
+    row = {c: table[c].sum() for c in table.columns if table[c].dtype.kind in "if"}
+    row.update(layer=label, op="", format="", bound="")
+    weight_rows = table["macs_dense"] > 0
+    for c in ("w_bits", "a_bits"):
+        row[c] = np.nan
+    macs_dense = table.loc[weight_rows, "macs_dense"].sum()
+    row["density"] = table.loc[weight_rows, "macs"].sum() / macs_dense if macs_dense else np.nan
+    return row
+
+
+def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig | None = None) -> pd.DataFrame:
+    """Per-layer and total costs of ``program`` on ``config``, next to the fp32 dense network.
+
+    Args:
+        program: a compiled program.
+        config: the accelerator (default: the Series2NX-like preset).
+        baseline: the reference config (default ``config.as_fp32()``: the
+            same accelerator in fp32, dense).
+
+    Returns:
+        DataFrame with :data:`COLUMNS`, one row per layer and a ``"total"``
+        row.  ``fp32_*`` columns are the baseline's; ``compression`` and
+        ``energy_ratio`` are baseline / program.  ``attrs["summary"]`` holds
+        the headline figures (:func:`summary`).  In the total row ``density``
+        is the share of MACs left after zero skipping.
+    """
+    baseline = config.as_fp32() if baseline is None else baseline
+    ours = layer_costs(program, config)
+    base = layer_costs(program, baseline)
+    table = ours.copy()
+    table["fp32_B"] = base["storage_B"]
+    table["fp32_energy_nJ"] = base["energy_nJ"]
+    table["fp32_latency_us"] = base["latency_us"]
+    total = _total(table)
+    table = pd.concat([table, pd.DataFrame([total])], ignore_index=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        table["compression"] = np.where(table["storage_B"] > 0, table["fp32_B"] / table["storage_B"], np.nan)
+        table["energy_ratio"] = np.where(table["energy_nJ"] > 0, table["fp32_energy_nJ"] / table["energy_nJ"], np.nan)
+    table = table[COLUMNS]
+    t = table.iloc[-1]
+    table.attrs["summary"] = {
+        "config": config.name, "baseline": baseline.name,
+        "storage_bytes": int(round(t["storage_B"])), "fp32_bytes": int(round(t["fp32_B"])),
+        "compression": float(t["compression"]),
+        "macs_dense": int(t["macs_dense"]), "macs": int(t["macs"]),
+        "dram_bytes": float(t["dram_B"]),
+        "energy_uj": float(t["energy_nJ"]) / 1000, "fp32_energy_uj": float(t["fp32_energy_nJ"]) / 1000,
+        "energy_ratio": float(t["energy_ratio"]),
+        "latency_us": float(t["latency_us"]), "fp32_latency_us": float(t["fp32_latency_us"]),
+        "speedup": float(t["fp32_latency_us"] / t["latency_us"]) if t["latency_us"] else math.nan,
+    }
+    return table
+
+
+def summary(table: pd.DataFrame) -> dict:
+    """The headline figures of a :func:`report` table (storage, energy and latency against fp32)."""
+    if "summary" not in table.attrs:
+        raise ValueError("table has no summary; pass a table returned by nnlab.nna.report")
+    return dict(table.attrs["summary"])

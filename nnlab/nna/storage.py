@@ -1,0 +1,212 @@
+"""What the accelerator stores for a program, and a binary file that holds exactly that.
+
+Per weight layer the memory holds:
+
+* the weights, encoded by :func:`nnlab.nna.packing.encode_weights` in the
+  smallest format the config allows (values, plus a mask or run-length index);
+* the parameters, per output channel: the int32 bias (4 bytes) and the
+  float32 weight scale (4 bytes) from which the requantisation multiplier is
+  derived; a model quantised by PyTorch also keeps its float32 bias (4 bytes),
+  which PyTorch's kernels add in float.
+
+:func:`save` writes a file whose size is the reported storage
+(:func:`storage_bytes`) plus a small header; :func:`load` returns an
+identical :class:`~nnlab.nna.program.Program`.
+
+File layout (little-endian)::
+
+    4 bytes   magic b"NNA1"
+    4 bytes   uint32: length L of the JSON header
+    L bytes   JSON header: program name and source, the packing, and for every
+              layer its kind and scalar fields (scales, zero points, ranges,
+              shapes, format, stream sizes)
+    then, for each weight layer in order: its weight streams (mask or index,
+              then values), then int32 bias, float32 weight scales and, when
+              present, float32 PyTorch bias.
+
+So ``file size = header_bytes + storage_bytes``, with
+``header_bytes = 8 + L`` (:func:`read_header` returns it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .config import SERIES2NX, NNAConfig
+from .packing import EncodedWeights, decode_weights, encode_weights
+from .program import AddLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+
+__all__ = ["MAGIC", "encode_layer", "parameter_bytes", "storage_bytes", "save", "load", "read_header"]
+
+MAGIC = b"NNA1"
+_KINDS = {"input": InputLayer, "weight": WeightLayer, "pool": PoolLayer, "flatten": FlattenLayer, "add": AddLayer}
+_ARRAYS = ("weight", "weight_scale", "bias", "bias_float")
+
+
+def encode_layer(layer: WeightLayer, config: NNAConfig = SERIES2NX) -> EncodedWeights:
+    """A weight layer's weights as the accelerator stores them (smallest allowed format).
+
+    Args:
+        layer: a :class:`WeightLayer`.
+        config: gives the packing and the allowed sparse formats; its
+            ``min_bits..max_bits`` must include the layer's bit-depths.
+
+    Returns:
+        An :class:`~nnlab.nna.packing.EncodedWeights`.
+    """
+    config.check_bits(layer.weight_bits, f"layer {layer.name!r} (weights)")
+    config.check_bits(layer.in_bits, f"layer {layer.name!r} (input activations)")
+    return encode_weights(layer.weight, layer.weight_bits, config.sparse_formats, config.packing)
+
+
+def parameter_bytes(layer: WeightLayer) -> int:
+    """Bytes of a weight layer's parameters: 4 (int32 bias) + 4 (float32 scale) [+ 4 (float bias)] per channel."""
+    per_channel = 8 + (4 if layer.bias_float is not None else 0)
+    return per_channel * layer.out_channels
+
+
+def storage_bytes(program: Program, config: NNAConfig = SERIES2NX) -> int:
+    """Total bytes the accelerator stores for ``program``: encoded weights plus parameters."""
+    return sum(encode_layer(l, config).nbytes + parameter_bytes(l) for l in program.weight_layers)
+
+
+def _scalar(v):
+    if isinstance(v, tuple):
+        return list(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    return v
+
+
+def _layer_header(layer, encoded):
+    kind = next(k for k, cls in _KINDS.items() if isinstance(layer, cls))
+    entry = {"kind": kind}
+    for f in dataclasses.fields(layer):
+        if f.name not in _ARRAYS:
+            entry[f.name] = _scalar(getattr(layer, f.name))
+    if kind == "weight":
+        entry["weight_shape"] = list(layer.weight.shape)
+        entry["has_bias_float"] = layer.bias_float is not None
+        entry["encoding"] = {"format": encoded.format, "entries": encoded.entries, "index_bits": encoded.index_bits,
+                             "streams": [[name, int(s.size)] for name, s in encoded.streams.items()]}
+    return entry
+
+
+def save(program: Program, path, config: NNAConfig = SERIES2NX) -> dict:
+    """Write ``program`` to a binary file, weights packed as ``config`` stores them (atomically).
+
+    Args:
+        program: a compiled program.
+        path: the file to write.
+        config: packing and sparse formats (an integer config).
+
+    Returns:
+        dict with ``file_bytes``, ``header_bytes`` and ``storage_bytes``
+        (``file_bytes == header_bytes + storage_bytes``).
+    """
+    if not isinstance(program, Program):
+        raise TypeError(f"program must be a nnlab.nna Program, got {type(program).__name__}")
+    if config.arithmetic != "int":
+        raise ValueError(f"config {config.name!r} computes in fp32; save a program with an integer config")
+    body, headers = [], []
+    for layer in program.layers:
+        encoded = encode_layer(layer, config) if isinstance(layer, WeightLayer) else None
+        headers.append(_layer_header(layer, encoded))
+        if encoded is not None:
+            body += [s.tobytes() for s in encoded.streams.values()]
+            body += [layer.bias.astype("<i4").tobytes(), layer.weight_scale.astype("<f4").tobytes()]
+            if layer.bias_float is not None:
+                body.append(layer.bias_float.astype("<f4").tobytes())
+    header = json.dumps({"name": program.name, "source": program.source, "packing": config.packing,
+                         "layers": headers}, separators=(",", ":")).encode()
+    blob = MAGIC + len(header).to_bytes(4, "little") + header + b"".join(body)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(blob)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    header_bytes = 8 + len(header)
+    return {"file_bytes": len(blob), "header_bytes": header_bytes, "storage_bytes": len(blob) - header_bytes}
+
+
+def read_header(path) -> tuple:
+    """The JSON header of a saved program and its size in bytes.
+
+    Returns:
+        ``(header dict, header_bytes)``.
+
+    Raises:
+        ValueError: the file is not a saved NNA program.
+    """
+    data = Path(path).read_bytes()
+    return _parse_header(data, path)[:2]
+
+
+def _parse_header(data, path):
+    if len(data) < 8 or data[:4] != MAGIC:
+        raise ValueError(f"{path} is not a saved NNA program (it does not start with {MAGIC!r})")
+    n = int.from_bytes(data[4:8], "little")
+    try:
+        header = json.loads(data[8: 8 + n].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: corrupt header ({exc})") from None
+    return header, 8 + n, data
+
+
+def load(path) -> Program:
+    """Read a program written by :func:`save`.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The :class:`Program`, equal to the one saved.
+
+    Raises:
+        ValueError: not a saved program, or truncated.
+    """
+    header, offset, data = _parse_header(Path(path).read_bytes(), path)
+
+    def take(n):
+        nonlocal offset
+        if offset + n > len(data):
+            raise ValueError(f"{path} is truncated")
+        chunk = np.frombuffer(data, np.uint8, n, offset)
+        offset += n
+        return chunk
+
+    layers = []
+    for entry in header["layers"]:
+        entry = dict(entry)
+        cls = _KINDS[entry.pop("kind")]
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if cls is WeightLayer:
+            enc_info, shape = entry.pop("encoding"), tuple(entry.pop("weight_shape"))
+            has_bias_float = entry.pop("has_bias_float")
+            streams = {name: take(size) for name, size in enc_info["streams"]}
+            n_weights = int(np.prod(shape))
+            enc = EncodedWeights(enc_info["format"], entry["weight_bits"], enc_info["index_bits"], n_weights,
+                                 enc_info["entries"], streams, 0, 0, 0)
+            out = shape[0]
+            entry["weight"] = decode_weights(enc, shape, header["packing"])
+            entry["bias"] = take(4 * out).view("<i4").astype(np.int32)
+            entry["weight_scale"] = take(4 * out).view("<f4").astype(np.float32)
+            entry["bias_float"] = take(4 * out).view("<f4").astype(np.float32) if has_bias_float else None
+        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.items() if k in fields}
+        layers.append(cls(**kwargs))
+    if offset != len(data):
+        raise ValueError(f"{path} has {len(data) - offset} unexpected trailing bytes")
+    return Program(layers, header["name"], header["source"])

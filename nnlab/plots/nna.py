@@ -1,0 +1,118 @@
+"""Plots of the deployment chapter: where the bytes, the joules and the time go (NNA simulator)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+__all__ = ["plot_nna_costs", "plot_weight_codes", "plot_stages"]
+
+_BYTES = [("payload_B", "weights"), ("index_B", "index"), ("params_B", "parameters"), ("padding_B", "padding")]
+_ENERGY = [("energy_mac_nJ", "MACs"), ("energy_sram_nJ", "SRAM"), ("energy_dram_nJ", "DRAM")]
+
+
+def _layers(table: pd.DataFrame) -> pd.DataFrame:
+    if not isinstance(table, pd.DataFrame) or "storage_B" not in table:
+        raise TypeError("table must be a report from nnlab.nna.report")
+    return table[(table["layer"] != "total") & ((table["macs_dense"] > 0) | (table["op"] == "quantise"))]
+
+
+def plot_nna_costs(table: pd.DataFrame, fig: Figure | None = None, log: bool = True) -> Figure:
+    """Three panels per layer: storage bytes, energy per inference and latency, NNA next to fp32.
+
+    Storage and energy bars are stacked by kind (weights / index /
+    parameters / padding; MACs / SRAM / DRAM); a grey bar shows the fp32
+    dense network on the same accelerator.
+
+    Args:
+        table: a :func:`nnlab.nna.report` table.
+        fig: a matplotlib Figure to draw into (cleared); default a new one.
+        log: logarithmic y axes (the fp32 bars are tens of times taller).
+
+    Returns:
+        The Figure.
+    """
+    rows = _layers(table)
+    fig = fig or Figure(figsize=(11, 3.4))
+    fresh = len(fig.axes) != 3
+    if fresh:
+        fig.clear()
+        axes = fig.subplots(1, 3)
+    else:  # redraw into the same axes (the explorer does, at every move): no new layout to compute
+        axes = fig.axes
+        for ax in axes:
+            ax.clear()
+    x = np.arange(len(rows))
+    width = 0.4
+    panels = [(axes[0], _BYTES, "fp32_B", "bytes stored"),
+              (axes[1], _ENERGY, "fp32_energy_nJ", "energy per inference (nJ)"),
+              (axes[2], [("latency_us", "NNA")], "fp32_latency_us", "latency (µs)")]
+    for ax, parts, base_col, title in panels:
+        ax.bar(x - width / 2, rows[base_col], width, color="0.75", label="fp32 dense")
+        bottom = np.zeros(len(rows))
+        for col, label in parts:
+            ax.bar(x + width / 2, rows[col], width, bottom=bottom, label=label)
+            bottom += rows[col].to_numpy(dtype=float)
+        ax.set_xticks(x, rows["layer"], rotation=0)
+        ax.set_title(title, fontsize=10)
+        if log:
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0].set_xlabel("layer")
+    if fresh:
+        fig.tight_layout()
+    return fig
+
+
+def plot_weight_codes(layer, fig: Figure | None = None) -> Figure:
+    """Histogram of a compiled layer's integer weights (zeros included), on its grid.
+
+    Args:
+        layer: a :class:`nnlab.nna.WeightLayer`.
+        fig: a Figure to draw into; default a new one.
+
+    Returns:
+        The Figure.
+    """
+    fig = fig or Figure(figsize=(5, 2.8))
+    fig.clear()
+    ax = fig.subplots()
+    top = 2 ** (layer.weight_bits - 1)
+    if top <= 32:  # one bar per level of the grid
+        values, counts = np.unique(layer.weight, return_counts=True)
+        ax.bar(values, counts, width=0.8)
+    else:  # too many levels to show one by one
+        ax.hist(layer.weight.reshape(-1), bins=63, range=(-top, top))
+    ax.set_yscale("log")
+    ax.set_xlim(-top - 0.5, top - 0.5)
+    ax.set_xlabel(f"integer weight ({layer.weight_bits}-bit grid)")
+    ax.set_ylabel("count")
+    zeros = np.mean(layer.weight == 0)
+    ax.set_title(f"layer {layer.name}: {layer.weight.size:,} weights, {zeros:.0%} zero", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stages(stages: pd.DataFrame, x: str = "energy_uj", fig: Figure | None = None) -> Figure:
+    """Accuracy against energy (or bytes) per inference for each stage of the compression story.
+
+    Args:
+        stages: DataFrame with a ``stage`` column, ``accuracy`` (percent) and the ``x`` column.
+        x: the cost column, e.g. ``"energy_uj"`` or ``"storage_bytes"``.
+        fig: a Figure to draw into; default a new one.
+
+    Returns:
+        The Figure (log x axis).
+    """
+    fig = fig or Figure(figsize=(5.5, 3.4))
+    fig.clear()
+    ax = fig.subplots()
+    ax.plot(stages[x], stages["accuracy"], "o-")
+    for _, row in stages.iterrows():
+        ax.annotate(row["stage"], (row[x], row["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(x.replace("_", " "))
+    ax.set_ylabel("test accuracy (%)")
+    fig.tight_layout()
+    return fig
