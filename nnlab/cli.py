@@ -1,0 +1,235 @@
+"""``nnlab``: the course's pipeline from the command line, no notebook needed.
+
+    nnlab compress --model lenet5 --dataset mnist --sparsity 0.9 \\
+                   --weight-bits 5 --act-bits 8 --out results/
+
+runs :func:`nnlab.pipeline.compress` (baseline, coring, distillation, L1,
+post-training quantisation, retraining, the NNA simulator) with progress
+bars, and writes to ``--out``:
+
+* ``report.html``: a self-contained page (tables and plots inlined) with
+  the stage table, the accuracy/energy and accuracy/bytes plots and the
+  simulator's per-layer report;
+* ``report.json``: the same figures, for scripts.
+
+Every option is checked before any training starts.  Under ``torchrun``
+each process runs the same command; see the README ("Scaling up").
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["main", "build_parser", "write_report"]
+
+
+def _ranged_float(name, low, high, high_open=False):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (low <= value < high if high_open else low <= value <= high):
+            raise argparse.ArgumentTypeError(
+                f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+        return value
+    return parse
+
+
+def _ranged_int(name, low, high):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{name} must be in {low}..{high}, got {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .cache import RECIPES
+    from .data import DATASETS, SOURCES
+
+    parser = argparse.ArgumentParser(
+        prog="nnlab", description="nnlab: train neural networks for efficient inference.")
+    parser.add_argument("--version", action="version", version=f"nnlab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    c = sub.add_parser(
+        "compress", help="run the whole method on one model and write an HTML and a JSON report",
+        description="Baseline -> coring -> distillation -> (L1) -> post-training quantisation -> "
+                    "low-bit retraining -> NNA simulator, with every stage costed. Trained stages are "
+                    "cached (NNLAB_CACHE), so a second run takes seconds.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    c.add_argument("--model", choices=sorted(RECIPES), default="lenet5", help="network to compress")
+    c.add_argument("--dataset", choices=list(DATASETS), default="mnist",
+                   help="data set to train and test on (mnist works offline)")
+    c.add_argument("--source", choices=list(SOURCES), default=None,
+                   help="where the data comes from (default: offline for mnist, torchvision otherwise)")
+    c.add_argument("--sparsity", type=_ranged_float("--sparsity", 0.0, 1.0, high_open=True), default=0.9,
+                   help="target fraction of zero weights, in [0, 1)")
+    c.add_argument("--weight-bits", type=_ranged_int("--weight-bits", 2, 16), default=5,
+                   help="weight bit-depth (the accelerator preset supports 4..16)")
+    c.add_argument("--act-bits", type=_ranged_int("--act-bits", 2, 16), default=8, help="activation bit-depth")
+    c.add_argument("--method", choices=["random_subset", "ste"], default="random_subset",
+                   help="low-bit retraining: growing random subset, or straight-through on every weight")
+    c.add_argument("--hardware", choices=["series2nx"], default="series2nx", help="accelerator preset")
+    c.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto")
+    c.add_argument("--seed", type=_ranged_int("--seed", 0, 2**31 - 1), default=0, help="seed of every training run")
+    c.add_argument("--quick", action="store_true", help="quick mode: fewer epochs (also on when NNLAB_QUICK=1)")
+    c.add_argument("--no-l1", action="store_true", help="skip the L1-regularisation branch")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--out", required=True, type=Path, help="directory for report.html and report.json")
+    return parser
+
+
+def _check_out(parser, out: Path):
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out must be a directory, but {out} is a file")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        parser.error(f"--out {out}: cannot write in {probe}")
+
+
+def _figure_png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _atomic_write(path: Path, text: str):
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;
+text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.headline{font-size:15px;background:#f6f9ff;border:1px solid #cde;padding:.8em 1.2em}
+img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
+
+
+def write_report(result, out: Path) -> dict:
+    """Write ``report.html`` and ``report.json`` for a :class:`nnlab.pipeline.CompressionResult`.
+
+    Returns:
+        The JSON document (also written to ``out/report.json``).
+    """
+    from matplotlib.figure import Figure
+
+    from .plots.nna import plot_nna_costs, plot_stages
+
+    out.mkdir(parents=True, exist_ok=True)
+    stages = result.stages
+    head = result.headline()
+    doc = {"settings": result.settings, "data": result.data_description, "headline": head,
+           "stages": stages.to_dict(orient="records"), "seconds": result.seconds,
+           "nna_layers": result.report.drop(columns=[], errors="ignore").to_dict(orient="records")}
+
+    figs = []
+    for x, label in (("energy_uj", "energy per inference (uJ)"), ("storage_bytes", "weight storage (bytes)")):
+        fig = plot_stages(stages, x=x, fig=Figure(figsize=(6, 3.6)))
+        fig.axes[0].set_xlabel(f"{label}, log scale")
+        figs.append(_figure_png(fig))
+    figs.append(_figure_png(plot_nna_costs(result.report)))
+
+    shown = stages.copy()
+    shown["sparsity"] = (100 * shown["sparsity"]).round(1).astype(str) + "%"
+    fmt = {"accuracy": "{:.2f}".format, "energy_uj": "{:.3f}".format, "latency_us": "{:.3f}".format,
+           "compression": "{:.1f}x".format, "energy_ratio": "{:.1f}x".format, "storage_bytes": "{:,}".format}
+    settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<title>nnlab compress: {html.escape(result.settings['model'])}</title><style>{_CSS}</style></head><body>
+<h1>nnlab compress: {html.escape(result.settings['model'])} on {html.escape(result.settings['dataset'])}</h1>
+<p>{html.escape(result.data_description)}</p>
+<p>Settings: <code>{html.escape(settings)}</code>. Run time {result.seconds:.1f} s.</p>
+<div class="headline">Deployed on the {html.escape(result.settings['hardware'])}:
+<b>{head['accuracy_nna']:.2f}%</b> accuracy (fp32 dense: {head['accuracy_fp32']:.2f}%),
+<b>{head['compression']:.1f}x</b> less storage ({head['nna_bytes']:,} bytes vs {head['fp32_bytes']:,}),
+<b>{head['energy_ratio']:.1f}x</b> less energy per inference
+({head['nna_energy_uj']:.3f} uJ vs {head['fp32_energy_uj']:.3f} uJ).</div>
+<h2>Every stage</h2>
+{shown.to_html(index=False, formatters=fmt, border=0)}
+<p>Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
+integer accelerator, from the program the simulator runs.</p>
+<h2>Accuracy against cost</h2>
+<img alt="accuracy against energy" src="data:image/png;base64,{figs[0]}">
+<img alt="accuracy against storage" src="data:image/png;base64,{figs[1]}">
+<h2>Where the bytes and joules go (deployed network, per layer)</h2>
+<img alt="per-layer costs" src="data:image/png;base64,{figs[2]}">
+{result.report.to_html(index=False, border=0, float_format=lambda v: f"{v:,.3f}")}
+</body></html>"""
+    _atomic_write(out / "report.html", page)
+    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default))
+    return doc
+
+
+def _json_default(value):
+    import numpy as np
+
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return None if np.isnan(value) else float(value)
+    if isinstance(value, np.bool_):
+        return bool(value)
+    return str(value)
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--device: {exc}")
+    from . import nna
+
+    hardware = nna.PRESETS[args.hardware]
+    if not hardware.min_bits <= args.weight_bits <= hardware.max_bits:
+        parser.error(f"--weight-bits {args.weight_bits}: {hardware.name} supports "
+                     f"{hardware.min_bits}..{hardware.max_bits} bits per weight")
+    if not hardware.min_bits <= args.act_bits <= hardware.max_bits:
+        parser.error(f"--act-bits {args.act_bits}: {hardware.name} supports "
+                     f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
+    _check_out(parser, args.out)
+    if args.no_progress:
+        os.environ["TQDM_DISABLE"] = "1"
+
+    from .pipeline import compress
+
+    result = compress(args.model, args.dataset, source=args.source, sparsity=args.sparsity,
+                      weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, hardware=hardware,
+                      device=args.device, seed=args.seed, quick=True if args.quick else None,
+                      l1_branch=not args.no_l1, verbose=not args.no_progress)
+    write_report(result, args.out)
+    head = result.headline()
+    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}% | storage "
+          f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "
+          f"report: {args.out / 'report.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

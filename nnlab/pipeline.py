@@ -1,0 +1,271 @@
+"""The whole method in one call: baseline -> eliminate -> reduce -> deploy on the NNA simulator.
+
+:func:`compress` runs every stage of METHOD.md section 4 on one model and
+returns a :class:`CompressionResult`: one table with a row per stage
+(accuracy, sparsity, bit-depths, storage bytes, energy and latency per
+inference) and the artefacts (models, compiled program, cost report).
+Notebook 07 and the ``nnlab compress`` command are thin layers over it.
+
+Stages, each starting from the previous one's network unless said otherwise:
+
+1. ``fp32 baseline``: the trained dense network (:func:`nnlab.cache.pretrained`);
+2. ``pruned``: fraction coring to the target sparsity, no retraining;
+3. ``pruned + distilled``: coring and distillation alternated
+   (:func:`nnlab.distill.pretrained_sparse`);
+4. ``L1 + pruned + distilled``: the baseline first retrained with an L1
+   penalty, then cored and distilled the same way (a side branch: it shows
+   what L1 adds);
+5. ``PTQ``: stage 3 quantised after training (:func:`nnlab.quant.quantise_model`);
+6. ``retrained low-bit``: stage 3 quantised and retrained
+   (:func:`nnlab.quant.pretrained_quantised`);
+7. ``NNA (integer)``: stage 6 compiled (:func:`nnlab.nna.compile_model`) and
+   run by the integer engine on the test set.
+
+Costs: the float stages are costed on the fp32 baseline accelerator
+(:data:`nnlab.nna.FP32_BASELINE`: dense float32 storage, no zero
+skipping, so pruning alone buys nothing there until the weights are
+encoded); the quantised stages on the chosen accelerator (default the
+Series2NX-like preset), from the same compiled program the simulator runs.
+Every stage is cached, so a second run takes seconds.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from . import config
+from ._args import check_choice, check_float, check_int
+from .cache import RECIPES, cached, pretrained
+from .data import DATASETS, load_data
+from .train import accuracy, resolve_device
+
+__all__ = ["STAGES", "CompressionResult", "compress", "stage_costs", "test_arrays"]
+
+STAGES = ("fp32 baseline", "pruned", "pruned + distilled", "L1 + pruned + distilled", "PTQ",
+          "retrained low-bit", "NNA (integer)")
+
+#: L1 branch: penalty strength and epochs of L1 retraining before coring (full, quick).
+L1_RECIPE = {"strength": 1e-4, "epochs": (4, 1), "lr": 0.02}
+
+
+@dataclass
+class CompressionResult:
+    """What :func:`compress` returns.
+
+    Attributes:
+        stages: one row per stage: ``stage``, ``accuracy`` (percent),
+            ``sparsity``, ``weight_bits``, ``act_bits``, ``storage_bytes``,
+            ``energy_uj``, ``latency_us``, ``compression`` and ``energy_ratio``
+            (fp32 dense baseline / stage), ``hardware``.
+        settings: the arguments of the run.
+        models: the network of each stage (by stage name).
+        program: the compiled integer program (stage 7).
+        report: the simulator's per-layer cost report of ``program``.
+        data_description: the line that says which data was used.
+        seconds: wall-clock time of the whole run.
+    """
+
+    stages: pd.DataFrame
+    settings: dict
+    models: dict = field(repr=False)
+    program: object = field(repr=False)
+    report: pd.DataFrame = field(repr=False)
+    data_description: str = ""
+    seconds: float = 0.0
+
+    def headline(self) -> dict:
+        """The figures of the deployed stage against the fp32 baseline."""
+        first, last = self.stages.iloc[0], self.stages.iloc[-1]
+        return {
+            "accuracy_fp32": float(first["accuracy"]), "accuracy_nna": float(last["accuracy"]),
+            "accuracy_drop_pp": float(first["accuracy"] - last["accuracy"]),
+            "fp32_bytes": int(first["storage_bytes"]), "nna_bytes": int(last["storage_bytes"]),
+            "compression": float(last["compression"]), "energy_ratio": float(last["energy_ratio"]),
+            "fp32_energy_uj": float(first["energy_uj"]), "nna_energy_uj": float(last["energy_uj"]),
+            "fp32_latency_us": float(first["latency_us"]), "nna_latency_us": float(last["latency_us"]),
+        }
+
+
+def test_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    """The whole test set of a DataBundle as NumPy arrays ``(images float32 NCHW, labels)``."""
+    xs, ys = zip(*[(x, y) for x, y in data.test])
+    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
+
+
+def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = False) -> tuple[dict, object, pd.DataFrame]:
+    """Storage, energy and latency per inference of one network on the NNA simulator's cost model.
+
+    Args:
+        model: a quantised model (:mod:`nnlab.quant`), or a float model with
+            ``float_model=True``.
+        data: DataBundle (for the input shape, and to calibrate a float model).
+        hardware: :class:`nnlab.nna.NNAConfig` for quantised models (default the
+            Series2NX-like preset).  Float models are costed on its fp32 form.
+        float_model: cost ``model`` as fp32 weights and activations.  It is
+            compiled through a 16-bit copy only to obtain the layer
+            structure; the fp32 accelerator stores and computes every weight
+            in float32.
+
+    Returns:
+        ``(figures, program, report)``: ``figures`` has ``storage_bytes``,
+        ``energy_uj``, ``latency_us``, ``compression``, ``energy_ratio``
+        and ``hardware``.
+    """
+    from . import nna, quant
+
+    hardware = nna.SERIES2NX if hardware is None else hardware
+    if float_model:
+        structure = quant.quantise_model(model, data, 16, 16)
+        program = nna.compile_model(structure, data.input_shape)
+        table = nna.report(program, hardware.as_fp32())
+    else:
+        program = nna.compile_model(model, data.input_shape)
+        table = nna.report(program, hardware)
+    s = nna.summary(table)
+    figures = {"storage_bytes": s["storage_bytes"], "energy_uj": s["energy_uj"], "latency_us": s["latency_us"],
+               "compression": s["compression"], "energy_ratio": s["energy_ratio"], "hardware": s["config"]}
+    return figures, program, table
+
+
+def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
+    """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
+    from . import distill, prune, regularize
+
+    pick = 1 if quick else 0
+    recipe = {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
+              "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
+    l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][pick]}
+    spec = {"teacher": teacher.nnlab_metrics, "data": data.fingerprint, "sparsity": sparsity, "recipe": recipe,
+            "l1": l1, "seed": seed}
+
+    def build():
+        if verbose:
+            print(f"L1 branch: {l1['epochs']} epochs with an L1 penalty, then coring to {sparsity:.0%} "
+                  f"(done once, then cached) ...")
+        student = copy.deepcopy(teacher)
+        distill.distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=regularize.l1_penalty(
+            l1["strength"]), device=device, seed=seed, progress=verbose, desc="L1")
+        distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
+                                  epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
+                                  lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed,
+                                  progress=verbose)
+        student.to("cpu")
+        return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
+
+    def restore(payload):
+        student = copy.deepcopy(teacher)
+        masks = {k[: -len(".weight_mask")]: v for k, v in payload["state_dict"].items()
+                 if k.endswith(".weight_mask")}
+        prune.apply_masks(student, masks)
+        student.load_state_dict(payload["state_dict"])
+        return student
+
+    name = f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
+    payload = cached(name, spec, build, validate=restore, verbose=verbose)
+    return restore(payload).eval()
+
+
+def compress(
+    model: str = "lenet5",
+    dataset: str = "mnist",
+    *,
+    source: str | None = None,
+    sparsity: float = 0.9,
+    weight_bits: int = 5,
+    act_bits: int = 8,
+    method: str = "random_subset",
+    hardware=None,
+    device="cpu",
+    seed: int = 0,
+    quick: bool | None = None,
+    l1_branch: bool = True,
+    verbose: bool = True,
+) -> CompressionResult:
+    """Run baseline -> prune -> distill -> (L1) -> PTQ -> retrain -> NNA, and cost every stage.
+
+    Args:
+        model: a model with a training recipe (:data:`nnlab.cache.RECIPES`).
+        dataset: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
+        source: data source (see :func:`nnlab.data.load_data`).
+        sparsity: target fraction of zero weights, in ``[0, 1)``.
+        weight_bits: weight bit-depth, 2..16 (the accelerator preset supports 4..16).
+        act_bits: activation bit-depth, 2..16.
+        method: retraining for low bits: ``"random_subset"`` or ``"ste"``.
+        hardware: :class:`nnlab.nna.NNAConfig` (default the Series2NX-like preset).
+        device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``).
+        seed: seed of every training run.
+        quick: quick-mode recipes (fewer epochs); default :func:`nnlab.quick_mode`.
+        l1_branch: also run stage 4 (L1 regularisation).
+        verbose: print progress.
+
+    Returns:
+        A :class:`CompressionResult`.
+    """
+    from . import nna, prune, quant
+    from .distill import pretrained_sparse
+
+    check_choice("model", model, RECIPES)
+    check_choice("dataset", dataset, DATASETS)
+    sparsity = check_float("sparsity", sparsity, 0, 1, high_open=True)
+    check_int("weight_bits", weight_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
+    check_int("act_bits", act_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
+    check_choice("method", method, quant.METHODS)
+    hardware = nna.SERIES2NX if hardware is None else hardware
+    if not isinstance(hardware, nna.NNAConfig):
+        raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")
+    if not hardware.min_bits <= weight_bits <= hardware.max_bits:
+        raise ValueError(f"weight_bits={weight_bits} is outside what {hardware.name} supports "
+                         f"({hardware.min_bits}..{hardware.max_bits} bits)")
+    dev = resolve_device(device)
+    quick = config.quick_mode() if quick is None else bool(quick)
+    start = time.perf_counter()
+
+    data = load_data(dataset, source, verbose=verbose)
+    rows, models = [], {}
+
+    def add(stage, net, *, float_model, acc=None, bits=(None, None)):
+        acc = accuracy(net, data) if acc is None else acc
+        figures, program, table = stage_costs(net.cpu(), data, hardware, float_model=float_model)
+        rows.append({"stage": stage, "accuracy": acc, "sparsity": prune.sparsity(net),
+                     "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures})
+        models[stage] = net
+        return program, table
+
+    baseline = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
+    add("fp32 baseline", baseline, float_model=True)
+    cored = prune.core_by_fraction(copy.deepcopy(baseline), sparsity)
+    add("pruned", cored, float_model=True)
+    sparse = pretrained_sparse(model, sparsity, data=data, quick=quick, device=dev, seed=seed,
+                               verbose=verbose).cpu()
+    add("pruned + distilled", sparse, float_model=True)
+    if l1_branch:
+        l1 = _l1_branch(baseline, data, sparsity, quick=quick, device=dev, seed=seed, verbose=verbose)
+        add("L1 + pruned + distilled", l1, float_model=True)
+    ptq = quant.quantise_model(sparse, data, weight_bits, act_bits)
+    add("PTQ", ptq, float_model=False, bits=(weight_bits, act_bits))
+    retrained = quant.pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
+                                           data=data, device=dev, seed=seed, quick=quick,
+                                           verbose=verbose).cpu()
+    program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
+
+    images, labels = test_arrays(data)
+    predictions = nna.predict(program, images)
+    nna_acc = 100.0 * float((predictions == labels).mean())
+    figures = dict(rows[-1])
+    figures.update(stage="NNA (integer)", accuracy=nna_acc)
+    rows.append(figures)
+    models["NNA (integer)"] = program
+
+    stages = pd.DataFrame(rows)
+    settings = {"model": model, "dataset": dataset, "source": data.source, "sparsity": sparsity,
+                "weight_bits": weight_bits, "act_bits": act_bits, "method": method, "hardware": hardware.name,
+                "device": str(dev), "seed": seed, "quick": quick}
+    return CompressionResult(stages=stages, settings=settings, models=models, program=program, report=table,
+                             data_description=data.description, seconds=time.perf_counter() - start)
