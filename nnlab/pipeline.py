@@ -109,9 +109,9 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
         hardware: :class:`nnlab.nna.NNAConfig` for quantised models (default the
             Series2NX-like preset).  Float models are costed on its fp32 form.
         float_model: cost ``model`` as fp32 weights and activations.  It is
-            compiled through a 16-bit copy only to obtain the layer
+            compiled through an 8-bit copy only to obtain the layer
             structure; the fp32 accelerator stores and computes every weight
-            in float32.
+            in float32, dense, so the copy's values do not enter the costs.
 
     Returns:
         ``(figures, program, report)``: ``figures`` has ``storage_bytes``,
@@ -122,7 +122,7 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
 
     hardware = nna.SERIES2NX if hardware is None else hardware
     if float_model:
-        structure = quant.quantise_model(model, data, 16, 16)
+        structure = quant.quantise_model(model, data, 8, 8)
         program = nna.compile_model(structure, data.input_shape)
         table = nna.report(program, hardware.as_fp32())
     else:

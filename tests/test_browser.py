@@ -91,7 +91,8 @@ def lab(tmp_path_factory, chromium_path):
     env = {**os.environ, "NNLAB_QUICK": "1", "TQDM_DISABLE": "1", "JUPYTER_PLATFORM_DIRS": "1"}
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--port={port}", "--no-browser", "--allow-root",
            f"--ServerApp.root_dir={work}", f"--IdentityProvider.token={TOKEN}",
-           "--ServerApp.ip=127.0.0.1"]
+           "--ServerApp.ip=127.0.0.1", f"--LabApp.workspaces_dir={work / '.workspaces'}",
+           f"--LabApp.user_settings_dir={work / '.settings'}"]
     log = open(work / "jupyter.log", "w")
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -207,7 +208,9 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
     console_errors = []
     page.on("pageerror", lambda exc: console_errors.append(str(exc)))
     try:
-        page.goto(f"{lab['url']}/lab/tree/{notebook}?token={TOKEN}", wait_until="domcontentloaded")
+        # A workspace of its own, reset: only this notebook is open, whatever an earlier page left.
+        page.goto(f"{lab['url']}/lab/workspaces/{stem}/tree/{notebook}?reset&token={TOKEN}",
+                  wait_until="domcontentloaded")
         page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
         _run_all(page)
