@@ -79,3 +79,23 @@ def test_readme_quick_start_is_two_commands():
     assert "make lab" in text and "make test" in text
     assert "conda env create -f environment.yml" in text
     assert "mybinder.org" in text and "00_" in text
+
+
+@pytest.mark.parametrize("path", [p for p in notebooks() if p.parent.name == "notebooks"], ids=lambda p: p.name)
+def test_notebook_has_colab_badge_and_guarded_install_cell(path):
+    nb = json.loads(path.read_text())
+    title = "".join(nb["cells"][0]["source"])
+    assert f"colab.research.google.com/github/nnlab/nnlab/blob/main/notebooks/{path.name}" in title
+    first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
+    src = "".join(first_code["source"])
+    assert src.startswith("# Colab only:")
+    # Everything that installs is inside the Colab guard.
+    body = src.split('if "google.colab" in sys.modules:\n', 1)
+    assert len(body) == 2 and all(line.startswith("    ") for line in body[1].splitlines() if line.strip())
+
+
+def test_binder_badge_opens_notebook_00():
+    text = (ROOT / "README.md").read_text()
+    m = re.search(r"mybinder\.org/v2/gh/[^)\s]+", text)
+    assert m and "urlpath=lab/tree/notebooks/00_choose_the_model.ipynb" in m.group(0)
+    assert (ROOT / "notebooks" / "00_choose_the_model.ipynb").exists()
