@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = Path(os.environ.get("NNLAB_BROWSER_NOTEBOOKS", ROOT / "notebooks"))
 SCREENSHOTS = ROOT / "build" / "screenshots"
 TOKEN = "nnlab-browser-test"
-RUN_TIMEOUT_S = 240
+RUN_TIMEOUT_S = 420
 MOVE_TIMEOUT_S = 20
 
 # What a user moves, and what a widget shows.
@@ -211,7 +211,7 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
         # A workspace of its own, reset: only this notebook is open, whatever an earlier page left.
         page.goto(f"{lab['url']}/lab/workspaces/{stem}/tree/{notebook}?reset&token={TOKEN}",
                   wait_until="domcontentloaded")
-        page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=60_000)
+        page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=120_000)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
         _run_all(page)
         page.screenshot(path=str(SCREENSHOTS / f"{stem}-ran.png"), full_page=False)
