@@ -3,6 +3,7 @@
 #   make lab    create .venv if missing, install nnlab, start JupyterLab on notebooks/
 #   make test   create .venv if missing, run the unit tests and every notebook (quick mode)
 #   make bench  run the benchmarks (full mode) and write JSON figures to build/bench/
+#   make bench-notebooks  time every notebook on one core (full mode, cold cache)
 #   make strip  clear notebook outputs before committing
 #
 # Variables: PYTHON (interpreter that creates .venv, default python3),
@@ -17,7 +18,7 @@ PIP_ARGS ?=
 # JupyterLab refuses to run as root (e.g. in a container) unless told it may.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test bench install clean-venv strip
+.PHONY: lab test bench bench-notebooks install clean-venv strip
 
 install: $(STAMP)
 
@@ -33,13 +34,21 @@ lab: $(STAMP)
 test: $(STAMP)
 	NNLAB_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests notebooks
 
+BENCHES := elimination reduction nna
+
 bench: $(STAMP)
 	@mkdir -p build/bench
-	@for b in benchmarks/*.py; do \
-	  [ "$$(basename $$b)" = "__init__.py" ] && continue; \
-	  echo "== $$b"; $(BIN)/python $$b --json > build/bench/$$(basename $$b .py).json || exit 1; \
-	  cat build/bench/$$(basename $$b .py).json; \
+	@for b in $(BENCHES); do \
+	  echo "== benchmarks/$$b.py"; \
+	  $(BIN)/python benchmarks/$$b.py --json > build/bench/$$b.json || exit 1; \
+	  cat build/bench/$$b.json; \
 	done
+
+# Every notebook in full mode on one core, each with an empty model cache (about a quarter of an hour).
+bench-notebooks: $(STAMP)
+	@mkdir -p build/bench
+	$(BIN)/python benchmarks/notebooks.py --json > build/bench/notebooks.json
+	@cat build/bench/notebooks.json
 
 strip:
 	$(BIN)/jupyter nbconvert --clear-output --inplace notebooks/*.ipynb

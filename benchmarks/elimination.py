@@ -112,17 +112,19 @@ def main(argv=None) -> dict:
         "seconds": time.perf_counter() - start,
     }
 
-    print(f"LeNet-5, {data.description}")
-    print(f"dense accuracy {dense_acc:.1f}%  ({'quick' if result['quick'] else 'full'} mode, "
+    # With --json, stdout carries only the JSON document; the readable lines go to stderr.
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(f"LeNet-5, {data.description}")
+    say(f"dense accuracy {dense_acc:.1f}%  ({'quick' if result['quick'] else 'full'} mode, "
           f"{seeds} seed(s) for the retrained curves)")
-    print(f"{'sparsity':>9} {'no retrain':>11} {'distilled':>10} {'L1, no retrain':>15} {'L1+distilled':>13}")
+    say(f"{'sparsity':>9} {'no retrain':>11} {'distilled':>10} {'L1, no retrain':>15} {'L1+distilled':>13}")
     for s, a, b, c, d in zip(sparsities, no_retrain, result["acc_retrain"], result["acc_l1_no_retrain"],
                              result["acc_l1_retrain"]):
-        print(f"{s:>9.0%} {a:>10.1f}% {b:>9.2f}% {c:>14.2f}% {d:>12.2f}%")
-    print(f"share of weights with |w| < 1e-3: dense {result['near_zero_share']['dense']:.1%}, "
+        say(f"{s:>9.0%} {a:>10.1f}% {b:>9.2f}% {c:>14.2f}% {d:>12.2f}%")
+    say(f"share of weights with |w| < 1e-3: dense {result['near_zero_share']['dense']:.1%}, "
           f"after L1 {result['near_zero_share']['after_l1']:.1%}")
-    print(f"coring explorer: median update {result['widget_update_seconds'] * 1000:.0f} ms on one thread")
-    print(f"total {result['seconds']:.1f} s")
+    say(f"coring explorer: median update {result['widget_update_seconds'] * 1000:.0f} ms on one thread")
+    say(f"total {result['seconds']:.1f} s")
     if args.json:
         print(json.dumps(result))
     return result

@@ -118,9 +118,11 @@ def main(argv=None) -> dict:
         "quick": nnlab.quick_mode(),
         "seconds": time.perf_counter() - start,
     }
-    print(mismatches.to_string(index=False))
+    # With --json, stdout carries only the JSON document; the readable lines go to stderr.
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
+    say(mismatches.to_string(index=False))
     for key, value in results.items():
-        print(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
+        say(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
     if args.json:
         print(json.dumps(results))
     return results
