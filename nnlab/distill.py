@@ -256,7 +256,7 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
     dev = resolve_device(device)
     if data is None:
         data = load_data(verbose=verbose)
-    teacher = pretrained(model, data=data, quick=quick, seed=seed, device="cpu", verbose=verbose)
+    teacher = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
     pick = 1 if quick else 0
     recipe = {**RECIPE, "steps": RECIPE["steps"][pick], "epochs_per_step": RECIPE["epochs_per_step"][pick]}
     spec = {"model": model, "sparsity": sparsity_target, "data": data.fingerprint, "recipe": recipe,

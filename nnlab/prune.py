@@ -122,6 +122,12 @@ class FractionCoring(torch_prune.BasePruningMethod):
 # Which weights, and what they are now
 # ---------------------------------------------------------------------------
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    from .distributed import unwrap
+
+    return unwrap(model)
+
+
 def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> list[tuple[str, nn.Module]]:
     """The layers whose weights coring acts on, as ``(name, module)`` pairs in model order.
 
@@ -140,6 +146,7 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = _unwrap(model)  # under DistributedDataParallel, names are the wrapped model's ("0", not "module.0")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     if not found:
         raise ValueError(
@@ -561,7 +568,7 @@ def sensitivity_analysis(model: nn.Module, data, sparsities: Sequence[float] = (
     rows = []
     for name, m in chosen:
         for s in values:
-            probe = copy.deepcopy(model)
+            probe = copy.deepcopy(_unwrap(model))
             core_by_fraction(probe, s, scope="layer", layers=[name])
             rows.append({"layer": name, "type": type(m).__name__, "weights": m.weight.numel() if not is_pruned(m)
                          else m.weight_orig.numel(), "sparsity": s,

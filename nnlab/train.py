@@ -141,8 +141,12 @@ def fit(
     """Train ``model`` in place and return its history, one row per epoch.
 
     Args:
-        model: the network; it is moved to ``device``.
-        data: a training DataLoader, or a DataBundle (its ``train`` loader).
+        model: the network; it is moved to ``device``.  It may be wrapped in
+            ``DistributedDataParallel`` (see :mod:`nnlab.distributed`): every
+            rank then runs ``fit`` with the same arguments and ends with the
+            same weights and batch-norm statistics.
+        data: a training DataLoader, or a DataBundle (its ``train`` loader);
+            under DDP, :func:`nnlab.distributed.distributed_loader`.
         epochs: number of passes over the training data (positive integer).
         lr: peak learning rate.
         optimizer: ``"sgd"`` (momentum, Nesterov), ``"adam"`` (AdamW) or a
@@ -237,6 +241,11 @@ def fit(
     finally:
         bar.close()
     model.eval()
+    if isinstance(model, nn.parallel.DistributedDataParallel) and model.broadcast_buffers:
+        # DDP sends rank 0's buffers before each forward pass, so the last step left each rank
+        # with its own batch-norm statistics: end the run with the same ones everywhere.
+        from .distributed import broadcast_norm_statistics
+        broadcast_norm_statistics(model)
     return pd.DataFrame(history)
 
 

@@ -7,7 +7,9 @@ Modules, one subject each:
 * :mod:`nnlab.quant.modules`: :class:`WeightQuantizer`, :class:`ActQuantizer`, :class:`FixedMask`;
 * :mod:`nnlab.quant.model`: post-training quantisation of a network (:func:`quantise_model`);
 * :mod:`nnlab.quant.retraining`: retraining for low bits (:func:`retrain`: straight-through
-  or random-subset) and :func:`pretrained_quantised`, a cached retrained model.
+  or random-subset) and :func:`pretrained_quantised`, a cached retrained model;
+* :mod:`nnlab.quant.sensitivity`: which layers need more bits (:func:`bit_sensitivity`) and
+  which images quantisation hurts first (:func:`quantisation_by_difficulty`).
 
 How a quantised model is represented
 ------------------------------------
@@ -53,6 +55,7 @@ from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_qua
                     distinct_values, freeze, quantise_model, quantised_weight, weight_layers, weight_quantizer)
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
 from .tensor import (MIN_SCALE, SCALE_METHODS, compute_qparams, dequantise, fake_quantise, grid_levels,
                      qparams_from_range, quantise, value_range)
@@ -65,4 +68,5 @@ __all__ = [
     "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
     "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES",
+    "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
 ]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from .._args import check_choice, check_positive_int
+from ..distributed import unwrap
 from ..train import resolve_device
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .spec import GRANULARITIES, QuantSpec
@@ -37,12 +38,12 @@ def weight_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     """The Conv2d and Linear layers of ``model`` by name, in module order.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` (a DistributedDataParallel wrapper: the model inside it).
 
     Returns:
         An OrderedDict ``name -> layer`` (names as in ``model.named_modules()``).
     """
-    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS))
+    return OrderedDict((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, WEIGHT_LAYERS))
 
 
 def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
@@ -56,8 +57,8 @@ def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
 
 
 def act_quantizers(model: nn.Module) -> "OrderedDict[str, ActQuantizer]":
-    """The activation quantisers of ``model`` by name, in the order data flows through them."""
-    return OrderedDict((n, m) for n, m in model.named_modules() if isinstance(m, ActQuantizer))
+    """The activation quantisers of ``model`` (or of the model inside a DDP wrapper) by name, in data-flow order."""
+    return OrderedDict((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, ActQuantizer))
 
 
 def quantised_weight(layer: nn.Module):
@@ -232,6 +233,7 @@ def attach_quantisers(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    model = unwrap(model)  # a DDP wrapper cannot be copied: quantise the network inside it
     check_choice("granularity", granularity, GRANULARITIES)
     check_choice("weight_method", weight_method, SCALE_METHODS)
     check_choice("act_method", act_method, ACT_METHODS)
@@ -284,7 +286,8 @@ def attach_quantisers(
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: int = 0) -> nn.Module:
+def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: int = 0,
+              sync_ranks: bool | None = None) -> nn.Module:
     """Measure activation ranges on a few training batches and fix the activation grids.
 
     Args:
@@ -293,12 +296,21 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
         batches: how many batches to run (positive integer).
         device: where to run; default where the model is.
         seed: seeds the batch order, without touching torch's global RNG state.
+        sync_ranks: combine the ranges every rank of a ``torch.distributed``
+            group observed (all-reduce), so all ranks get the same grids.
+            Default: whenever a process group is initialised; every rank must
+            then call ``calibrate``.  With
+            :func:`nnlab.distributed.distributed_loader` each rank calibrates
+            on its own images and the ranges cover them all.
 
     Returns:
         The same model, in eval mode, with every ActQuantizer quantising.
     """
     check_positive_int("batches", batches)
-    quantizers = act_quantizers(model)
+    # Run the network inside a DDP wrapper: the wrapper's forward passes would overwrite
+    # each rank's observed ranges with rank 0's before every batch.
+    net = unwrap(model)
+    quantizers = act_quantizers(net)
     if not quantizers:
         return model.eval()
     if device is None:
@@ -312,14 +324,14 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
         torch.manual_seed(seed)
         seen = 0
         for x, _ in loader:
-            model(x.to(dev))
+            net(x.to(dev))
             seen += 1
             if seen >= batches:
                 break
     if seen == 0:
         raise ValueError("data has no batches to calibrate on")
     for q in quantizers.values():
-        q.end_calibration()
+        q.end_calibration(sync_ranks=sync_ranks)
     return model
 
 
@@ -426,7 +438,7 @@ def describe(model: nn.Module) -> pd.DataFrame:
         per-channel scales), ``zero_point`` and ``levels``.
     """
     rows = []
-    for name, m in model.named_modules():
+    for name, m in unwrap(model).named_modules():
         q, kind = None, None
         if isinstance(m, WEIGHT_LAYERS):
             q, kind = weight_quantizer(m), "weight"

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .._args import check_choice, check_float
+from ..distributed import all_reduce_min_max, all_reduce_sum, is_distributed
 from .spec import QuantSpec
 from .tensor import MIN_SCALE, SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
 
@@ -126,14 +127,16 @@ class WeightQuantizer(nn.Module):
             fraction: share of weights quantised, in [0, 1], or None.
             redraw: draw a new random subset now (otherwise the subset only grows
                 as ``fraction`` grows: weights once quantised stay quantised).
-            generator: optional ``torch.Generator`` for the draw.
+            generator: optional ``torch.Generator`` for the draw (the draw is
+                made on the generator's device); default torch's global one.
         """
         if fraction is None:
             self.fraction = None
             return
         self.fraction = check_float("fraction", fraction, 0.0, 1.0)
         if redraw or self.priority is None:
-            self.priority = torch.rand(self.shape, generator=generator).to(self.scale.device)
+            where = generator.device if generator is not None else "cpu"
+            self.priority = torch.rand(self.shape, generator=generator, device=where).to(self.scale.device)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.training and self.track:
@@ -212,12 +215,38 @@ class ActQuantizer(nn.Module):
         self.batches += 1
 
     @torch.no_grad()
-    def end_calibration(self) -> None:
-        """Set ``scale`` and ``zero_point`` from the observed range and start quantising."""
+    def end_calibration(self, sync_ranks: bool | None = None) -> None:
+        """Set ``scale`` and ``zero_point`` from the observed range and start quantising.
+
+        Args:
+            sync_ranks: first combine the ranges observed by every rank of a
+                ``torch.distributed`` process group (all-reduce: the lowest
+                low and highest high for ``"max"``, the batch-weighted mean for
+                ``"percentile"``), so that every rank gets the same scale.
+                Default: whenever a process group is initialised; every rank
+                must then call it.
+        """
+        if sync_ranks is None:
+            sync_ranks = is_distributed()
+        if sync_ranks and is_distributed():
+            self._combine_ranks()
         scale, zero_point = qparams_from_range(self.lo, self.hi, self.spec)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         self.calibrating = False
+
+    @torch.no_grad()
+    def _combine_ranks(self):
+        if self.method == "max":
+            all_reduce_min_max(self.lo, self.hi)
+            all_reduce_sum(self.batches)
+            return
+        n = self.batches.to(self.lo.dtype)
+        lo_sum, hi_sum, total = self.lo * n, self.hi * n, n.clone()
+        all_reduce_sum(lo_sum, hi_sum, total, self.batches)
+        total.clamp_(min=1)
+        self.lo.copy_(lo_sum / total)
+        self.hi.copy_(hi_sum / total)
 
     def forward(self, x):
         if self.calibrating:

@@ -36,7 +36,8 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .._args import check_choice, check_float, check_positive_int
+from .._args import check_choice, check_float, check_int, check_positive_int
+from ..distributed import is_distributed, shared_generator
 from ..train import Callback, evaluate, fit
 from .model import act_quantizers, attach_quantisers, freeze, quantise_model, weight_layers, weight_quantizer
 
@@ -65,13 +66,22 @@ class RandomSubset(Callback):
         stages: number of stages of the ``"steps"`` schedule.
         redraw: draw a new random subset every step (True) or grow one fixed
             random order (False).
+        seed: None (default): in a single process, draw from torch's global
+            generator (which :func:`nnlab.train.fit` seeds); under
+            ``torch.distributed``, from a generator of the subsets' own whose
+            seed rank 0 draws from its global generator and sends to every
+            rank.  An integer: always a generator of their own with this
+            seed (:func:`nnlab.distributed.shared_generator`).  Either way
+            every rank quantises the same subset, never one drawn from its
+            own random state (which augmentation and dropout use differently
+            on each rank).
 
     Attributes:
         history: the fraction used at each step (for plots).
     """
 
     def __init__(self, schedule: str | Callable = "linear", start: float = 0.25, full_at: float = 0.75,
-                 stages: int = 3, redraw: bool = True):
+                 stages: int = 3, redraw: bool = True, seed: int | None = None):
         if not callable(schedule):
             check_choice("schedule", schedule, SCHEDULES)
         self.schedule = schedule
@@ -81,7 +91,18 @@ class RandomSubset(Callback):
         if not isinstance(redraw, bool):
             raise TypeError(f"redraw must be True or False, got {redraw!r}")
         self.redraw = redraw
+        self.seed = None if seed is None else check_int("seed", seed, minimum=0)
         self.history = []
+        self._generators = {}
+
+    def generator(self, device) -> torch.Generator | None:
+        """The subsets' random generator on ``device`` (made on first use), or None for torch's global one."""
+        if self.seed is None and not is_distributed():
+            return None
+        key = str(torch.device(device))
+        if key not in self._generators:
+            self._generators[key] = shared_generator(self.seed, device)
+        return self._generators[key]
 
     def fraction(self, progress: float) -> float:
         """The quantised fraction at training progress ``progress`` (0 = first step, 1 = end).
@@ -107,7 +128,7 @@ class RandomSubset(Callback):
         frac = self.fraction(step / max(1, total_steps))
         self.history.append(frac)
         for q in _quantizers(model):
-            q.set_subset(frac, redraw=self.redraw)
+            q.set_subset(frac, redraw=self.redraw, generator=self.generator(q.scale.device))
 
 
 def retrain(
@@ -223,12 +244,13 @@ def pretrained_quantised(
     if data is None:
         data = load_data(verbose=verbose)
 
-    def base():
+    def base(where="cpu"):
+        # A cache miss trains the float (or sparse) network on `where`.
         if sparsity is None:
-            return cache.pretrained(model, data=data, quick=quick, seed=seed, device="cpu", verbose=verbose)
+            return cache.pretrained(model, data=data, quick=quick, seed=seed, device=where, verbose=verbose)
         from .. import distill
         return distill.pretrained_sparse(model=model, sparsity=sparsity, data=data, quick=quick, seed=seed,
-                                         device="cpu", verbose=verbose)
+                                         device=where, verbose=verbose)
 
     options = {"granularity": granularity, "overrides": overrides}
     spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
@@ -241,7 +263,7 @@ def pretrained_quantised(
             sp = f"{sparsity:.0%}-sparse " if sparsity else ""
             print(f"Quantising {sp}{model} to {weight_bits}-bit weights{extra} / {act_bits}-bit activations "
                   f"({method}; done once, then cached) ...")
-        qmodel = quantise_model(base(), data, weight_bits, act_bits, **options)
+        qmodel = quantise_model(base(device), data, weight_bits, act_bits, **options)
         if method != "ptq":
             retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
         qmodel.to("cpu")
