@@ -12,8 +12,11 @@ bars, and writes to ``--out``:
   simulator's per-layer report;
 * ``report.json``: the same figures, for scripts.
 
-Every option is checked before any training starts.  Under ``torchrun``
-each process runs the same command; see the README ("Scaling up").
+Every option is checked before any training starts.  ``--device`` picks
+where to train (``cpu``, ``cuda``, ``cuda:N``).  The command runs in one
+process: started by ``torchrun`` with several processes it refuses, and
+points to ``benchmarks/ddp.py``, the same prune -> distill -> retrain
+pipeline with DistributedDataParallel (see the README, "Scaling up").
 """
 
 from __future__ import annotations
@@ -198,6 +201,11 @@ def _json_default(value):
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:
+        parser.error(f"nnlab compress runs in one process, but WORLD_SIZE={world}: to train on several GPUs "
+                     f"run `torchrun --nproc_per_node={world} benchmarks/ddp.py --device cuda ...` instead, "
+                     f"or pick one GPU with `nnlab compress --device cuda:N`")
     from .train import resolve_device
 
     try:

@@ -46,6 +46,13 @@ def test_bad_options_are_refused_before_training(monkeypatch, capsys, tmp_path, 
     assert message in capsys.readouterr().err
 
 
+def test_refuses_to_run_once_per_torchrun_process(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compress", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "benchmarks/ddp.py" in capsys.readouterr().err
+
+
 def test_out_must_not_be_a_file(tmp_path, capsys):
     f = tmp_path / "file"
     f.write_text("x")
