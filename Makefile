@@ -4,6 +4,7 @@
 #   make test   create .venv if missing, run the unit tests and every notebook (quick mode)
 #   make bench  run the benchmarks (full mode) and write JSON figures to build/bench/
 #   make bench-notebooks  time every notebook on one core (full mode, cold cache)
+#   make course run every notebook headless (full mode) into build/executed/
 #   make strip  clear notebook outputs before committing
 #
 # Variables: PYTHON (interpreter that creates .venv, default python3),
@@ -18,7 +19,7 @@ PIP_ARGS ?=
 # JupyterLab refuses to run as root (e.g. in a container) unless told it may.
 ROOT_FLAG := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: lab test bench bench-notebooks install clean-venv strip
+.PHONY: lab test bench bench-notebooks course install clean-venv strip
 
 install: $(STAMP)
 
@@ -43,6 +44,12 @@ bench: $(STAMP)
 	  $(BIN)/python benchmarks/$$b.py --json > build/bench/$$b.json || exit 1; \
 	  cat build/bench/$$b.json; \
 	done
+
+# Run the whole course headless (full mode): executed copies land in build/executed/.
+course: $(STAMP)
+	@mkdir -p build/executed
+	$(BIN)/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=1800 \
+	  --output-dir build/executed notebooks/[0-9][0-9]_*.ipynb
 
 # Every notebook in full mode on one core, each with an empty model cache (about a quarter of an hour).
 bench-notebooks: $(STAMP)

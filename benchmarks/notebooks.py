@@ -17,6 +17,7 @@ With ``--json`` the figures go to stdout as JSON (human-readable lines to stderr
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import re
@@ -36,6 +37,11 @@ _WRAP = ("import resource, subprocess, sys\n"
          "print('PEAK_KB', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, rc)")
 # Numbers that depend on the clock, not on the computation.
 _TIMING = re.compile(r"\d+(\.\d+)?\s*(s|ms|µs|us|seconds|sec|it/s|s/it)\b|\d+:\d\d")
+# Progress bars, and the memory addresses in an object's repr.
+_PROGRESS = re.compile(r"\d+/\d+ \[|it/s\]|s/it\]")
+_ADDRESS = re.compile(r"0x[0-9a-f]+")
+# Lines that say whether the model cache had to train something (the first run trains, the second loads).
+_CACHE_NOTE = re.compile(r"^(Training |Pruning |Quantising |L1 branch|nnlab: cached file|.*done once, then cached)")
 
 
 def run_notebook(path: Path, *, quick: bool, cache: Path, out: Path) -> dict:
@@ -65,7 +71,10 @@ def printed_numbers(path: Path) -> list[str]:
     for cell in nb.cells:
         for out in cell.get("outputs", []):
             text = out.get("text") or out.get("data", {}).get("text/plain", "")
-            lines += [_TIMING.sub("<time>", line) for line in str(text).splitlines()]
+            for line in str(text).splitlines():
+                if _CACHE_NOTE.match(line) or _PROGRESS.search(line):
+                    continue
+                lines.append(_ADDRESS.sub("0x…", _TIMING.sub("<time>", line)))
     return lines
 
 
@@ -90,7 +99,7 @@ def main(argv=None) -> int:
             if args.twice and first["ok"]:
                 second = run_notebook(path, quick=args.quick, cache=cache, out=tmp / f"{path.stem}-2.ipynb")
                 a, b = printed_numbers(tmp / f"{path.stem}-1.ipynb"), printed_numbers(tmp / f"{path.stem}-2.ipynb")
-                diff = [(x, y) for x, y in zip(a, b) if x != y] + ([("<length>", "")] if len(a) != len(b) else [])
+                diff = [line for line in difflib.ndiff(a, b) if line[:2] in ("- ", "+ ")]
                 first["identical_rerun"] = not diff and second["ok"]
                 first["rerun_seconds"] = second["seconds"]
                 first["rerun_differences"] = diff[:5]

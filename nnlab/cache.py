@@ -161,7 +161,7 @@ def pretrained(
         torch.manual_seed(seed)
         net = build_model(model, num_classes=data.num_classes, **kwargs)
         history = fit(net, train, epochs, lr=recipe["lr"], optimizer=recipe["optimizer"], seed=seed,
-                      device=dev, desc=f"train {model}")
+                      device=dev, desc=f"train {model}", progress=verbose)
         result = evaluate(net, data, device=dev)
         net.to("cpu")
         metrics = {"top1": result["top1"], "top5": result["top5"], "loss": result["loss"],

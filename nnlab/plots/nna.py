@@ -97,6 +97,10 @@ def plot_weight_codes(layer, fig: Figure | None = None) -> Figure:
 def plot_stages(stages: pd.DataFrame, x: str = "energy_uj", fig: Figure | None = None) -> Figure:
     """Accuracy against energy (or bytes) per inference for each stage of the compression story.
 
+    One marker per stage, named in the legend; stages with the same cost
+    (e.g. every float stage on the fp32 accelerator) sit on top of each
+    other, drawn largest first so that each stays visible.
+
     Args:
         stages: DataFrame with a ``stage`` column, ``accuracy`` (percent) and the ``x`` column.
         x: the cost column, e.g. ``"energy_uj"`` or ``"storage_bytes"``.
@@ -105,14 +109,25 @@ def plot_stages(stages: pd.DataFrame, x: str = "energy_uj", fig: Figure | None =
     Returns:
         The Figure (log x axis).
     """
-    fig = fig or Figure(figsize=(5.5, 3.4))
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+
+    fig = fig or Figure(figsize=(6.5, 3.6))
     fig.clear()
     ax = fig.subplots()
-    ax.plot(stages[x], stages["accuracy"], "o-")
-    for _, row in stages.iterrows():
-        ax.annotate(row["stage"], (row[x], row["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    markers = "osD^vP*Xh"
+    n = len(stages)
+    for k, (_, row) in enumerate(stages.iterrows()):
+        ax.scatter(row[x], row["accuracy"], s=40 + 22 * (n - k), marker=markers[k % len(markers)],
+                   label=row["stage"], alpha=0.85, edgecolors="white", linewidths=0.8, zorder=2 + k)
     ax.set_xscale("log")
-    ax.set_xlabel(x.replace("_", " "))
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo, hi = stages[x].min(), stages[x].max()
+    ax.set_xlim(lo / 1.6, hi * 1.6)
+    ax.set_xlabel(x.replace("_", " ") + " (log scale)")
     ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return fig
