@@ -38,10 +38,10 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
+
 
 
 def parse_args(argv=None):
@@ -76,41 +76,6 @@ def relaunch(argv, nproc: int) -> int:
     return subprocess.call(cmd)
 
 
-def ddp_step_seconds(models: dict, batch, device, rounds: int, steps: int = 3) -> dict:
-    """Median seconds of one SGD step (forward, loss, backward with gradient all-reduce, update), interleaved.
-
-    Every rank runs the same steps (DDP's all-reduce is a collective).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    x, y = (t.to(device) for t in batch)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    runners = {}
-    for name, model in models.items():
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def run(model=model, opt=opt):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        for _ in range(2):  # warm-up (CUDA kernels, DDP buckets)
-            run()
-        runners[name] = run
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            sync()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def run(args) -> dict:
     """The pipeline on this rank; returns the figures (the same on every rank)."""
     import torch
@@ -123,7 +88,7 @@ def run(args) -> dict:
     from nnlab.distill import prune_and_distill
     from nnlab.models import build_model
     from nnlab.prune import sparsity
-    from nnlab.train import accuracy, fit
+    from nnlab.train import accuracy, fit, time_training_steps
 
     if os.environ.get("NNLAB_THREADS") is None:  # share this machine's CPUs among the ranks on it
         ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -225,8 +190,8 @@ def run(args) -> dict:
     for q in quant.weight_layers(probe).values():
         quant.weight_quantizer(q).track = True  # as while retraining: the grid follows the weights
     x, y = next(iter(train))
-    timed = ddp_step_seconds({"fp32": D.wrap(copy.deepcopy(teacher), device), "qat": D.wrap(probe, device)},
-                             (x, y), device, rounds=5 if quick else 20)
+    timed = time_training_steps({"fp32": D.wrap(copy.deepcopy(teacher), device), "qat": D.wrap(probe, device)},
+                         (x, y), device=device, rounds=5 if quick else 20, steps=3)
     result.update(step_seconds_fp32=timed["fp32"], step_seconds_qat=timed["qat"],
                   qat_step_ratio=timed["qat"] / timed["fp32"])
     say(f"one {'DDP ' if D.is_distributed() else ''}training step (batch {x.shape[0]} per rank): "

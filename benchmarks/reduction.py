@@ -30,33 +30,6 @@ import sys
 import time
 
 
-def step_seconds(models: dict, batch, rounds: int = 30, steps: int = 5) -> dict:
-    """Median seconds of one SGD step (forward, loss, backward, update) of each model, interleaved."""
-    import torch
-    import torch.nn.functional as F
-
-    x, y = batch
-    runners = {}
-    for name, model in models.items():
-        model.train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-
-        def run(model=model, opt=opt):
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        run()  # warm-up
-        runners[name] = run
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                run()
-            times[name].append((time.perf_counter() - start) / steps)
-    return {name: statistics.median(t) for name, t in times.items()}
-
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,7 +45,7 @@ def main(argv=None) -> dict:
     from nnlab import pick, quant
     from nnlab.cache import pretrained
     from nnlab.data import load_data
-    from nnlab.train import accuracy
+    from nnlab.train import accuracy, time_training_steps
     from nnlab.widgets import bit_explorer
 
     start = time.perf_counter()
@@ -102,7 +75,7 @@ def main(argv=None) -> dict:
     qat = quant.quantise_model(base, data, 4, act_bits, granularity=granularity)
     for layer in quant.weight_layers(qat).values():
         quant.weight_quantizer(layer).track = True  # as during retraining: the grid follows the weights
-    steps = step_seconds({"fp32": copy.deepcopy(base), "qat": qat}, batch, rounds=30)
+    steps = time_training_steps({"fp32": copy.deepcopy(base), "qat": qat}, batch, rounds=30, warmup=1)
     say(f"one training step (batch 64, 1 thread): fp32 {1e3 * steps['fp32']:.2f} ms, "
         f"QAT {1e3 * steps['qat']:.2f} ms ({steps['qat'] / steps['fp32']:.2f}x)")
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import time
 from typing import Callable, Iterable
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ._args import check_choice, check_float, check_int, check_positive_int
 
-__all__ = ["resolve_device", "seed_everything", "fit", "evaluate", "accuracy", "Callback"]
+__all__ = ["resolve_device", "seed_everything", "fit", "evaluate", "accuracy", "Callback", "time_training_steps"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -318,3 +319,47 @@ def accuracy(model: nn.Module, data, *, device=None) -> float:
     return evaluate(model, data, device=device, topk=(1,))["top1"]
 
 
+def time_training_steps(models: dict, batch, *, device=None, rounds: int = 30, steps: int = 5,
+                        warmup: int = 2) -> dict:
+    """Median seconds of one SGD step (forward, loss, backward, update) of each model.
+
+    The models take turns, round after round, so that a change in the
+    machine's load affects them all alike.  On CUDA the device is
+    synchronised around each timed run; under DistributedDataParallel every
+    rank must call this together (the backward pass all-reduces).
+
+    Args:
+        models: name -> model (trained in place with a tiny learning rate).
+        batch: ``(images, labels)``.
+        device: where the batch goes (default: where it is).
+        rounds: timed rounds; steps: steps per round; warmup: untimed steps first.
+
+    Returns:
+        name -> median seconds per step.
+    """
+    x, y = batch if device is None else (t.to(device) for t in batch)
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
+    runners = {}
+    for name, model in models.items():
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+
+        def run(model=model, opt=opt):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(warmup):  # first calls: allocations, CUDA kernels, DDP buckets
+            run()
+        runners[name] = run
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, run in runners.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(steps):
+                run()
+            sync()
+            times[name].append((time.perf_counter() - start) / steps)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -98,3 +98,15 @@ def test_very_short_runs_train(n_images):
     before = m[0].weight.clone()
     fit(m, data, 1, progress=False)
     assert not torch.equal(before, m[0].weight)
+
+
+def test_time_training_steps_times_each_model_and_trains_it():
+    from nnlab.train import time_training_steps
+
+    torch.manual_seed(0)
+    a, b = LeNet5(), LeNet5()
+    before = a[0].weight.clone()
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    times = time_training_steps({"a": a, "b": b}, (x, y), rounds=3, steps=2, warmup=1)
+    assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
+    assert not torch.equal(before, a[0].weight)
