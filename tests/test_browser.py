@@ -145,25 +145,50 @@ _DRIVEN_STATE_JS = """(el) => {
 }""" % CONTROLS
 
 
+def _accept_kernel_dialog(page):
+    """A fresh workspace may ask which kernel to start: accept the notebook's own (Python 3)."""
+    dialog = page.locator(".jp-Dialog")
+    if dialog.count() and "Kernel" in dialog.first.inner_text():
+        dialog.first.locator(".jp-Dialog-button.jp-mod-accept").click()
+        page.wait_for_selector(".jp-Dialog", state="detached", timeout=10_000)
+
+
+def _menu(page, item):
+    _accept_kernel_dialog(page)
+    page.keyboard.press("Escape")  # close any open menu or toast
+    page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
+    page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
+
+
 def _run_all(page):
-    # The kernel may still be connecting when the page first says "idle": retry until execution starts.
-    for _attempt in range(6):
-        page.keyboard.press("Escape")  # close any open menu or toast
-        page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
-        page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
-        started = time.time() + 10
-        while time.time() < started:
-            if any(p.strip() not in ("[ ]:", "") for p in page.evaluate(_CELL_STATE_JS)):
-                break
-            time.sleep(0.5)
-        else:
-            continue
-        break
+    """Run every cell and wait until all have run.
+
+    A kernel that is still connecting can drop part of a "Run All" request
+    (seen on a busy machine: the first cell runs, the rest stay queued for
+    nothing).  If the kernel sits idle while cells are still unrun, run on
+    from the first unrun cell, as a user would.
+    """
+    _menu(page, "Run All Cells")
     deadline = time.time() + RUN_TIMEOUT_S
+    idle_since = None
     while time.time() < deadline:
+        _accept_kernel_dialog(page)
         prompts = page.evaluate(_CELL_STATE_JS)
         if prompts and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts):
             return prompts
+        running = any(p.strip() == "[*]:" for p in prompts)
+        status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
+        if not running and status == "idle":
+            idle_since = idle_since or time.time()
+            if time.time() - idle_since > 10:
+                first = next(i for i, p in enumerate(prompts) if p.strip() in ("[ ]:", ""))
+                cell = page.locator(".jp-Notebook .jp-CodeCell").nth(first)
+                cell.scroll_into_view_if_needed()
+                cell.locator(".jp-InputPrompt").click()
+                _menu(page, "Run Selected Cell and All Below")
+                idle_since = None
+        else:
+            idle_since = None
         time.sleep(1)
     raise AssertionError(f"cells still running after {RUN_TIMEOUT_S} s: {page.evaluate(_CELL_STATE_JS)}")
 
@@ -212,6 +237,8 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
         page.goto(f"{lab['url']}/lab/workspaces/{stem}/tree/{notebook}?reset&token={TOKEN}",
                   wait_until="domcontentloaded")
         page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=120_000)
+        time.sleep(2)  # let a kernel-choice dialog appear, if the workspace asks for one
+        _accept_kernel_dialog(page)
         page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
         _run_all(page)
         page.screenshot(path=str(SCREENSHOTS / f"{stem}-ran.png"), full_page=False)
