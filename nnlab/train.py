@@ -337,7 +337,12 @@ def time_training_steps(models: dict, batch, *, device=None, rounds: int = 30, s
     Returns:
         name -> median seconds per step.
     """
-    x, y = batch if device is None else (t.to(device) for t in batch)
+    if not models:
+        raise ValueError("models must name at least one model to time")
+    check_positive_int("rounds", rounds)
+    check_positive_int("steps", steps)
+    check_int("warmup", warmup, minimum=0)
+    x, y = batch if device is None else (t.to(resolve_device(device)) for t in batch)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     runners = {}
     for name, model in models.items():

@@ -107,3 +107,16 @@ def test_augmentation_shifts_but_keeps_content():
     assert x_aug.shape == x.shape and not torch.equal(x_aug, x)
     # A shift moves pixels, it does not change how much ink there is (up to cropping at the border).
     assert torch.allclose(x_aug.mean(), x.mean(), atol=0.05)
+
+
+def test_first_images_from_a_bundle_or_a_loader():
+    d = nd.load_data(test_limit=300, verbose=False)
+    x, y = nd.first_images(d, 120)
+    assert x.shape == (120, 1, 28, 28) and y.shape == (120,)
+    assert torch.equal(x, d.test.dataset[list(range(120))][0])
+    xa, ya = nd.first_images(d.test)
+    assert len(ya) == 300 and torch.equal(xa[:120], x)
+    with pytest.raises(ValueError, match="n must be a positive integer, got 0"):
+        nd.first_images(d, 0)
+    with pytest.raises(ValueError, match="split must be one of 'test', 'train'; got 'val'"):
+        nd.first_images(d, split="val")

@@ -110,3 +110,13 @@ def test_time_training_steps_times_each_model_and_trains_it():
     times = time_training_steps({"a": a, "b": b}, (x, y), rounds=3, steps=2, warmup=1)
     assert set(times) == {"a", "b"} and all(t > 0 for t in times.values())
     assert not torch.equal(before, a[0].weight)
+
+
+def test_time_training_steps_rejects_bad_arguments():
+    from nnlab.train import time_training_steps
+
+    batch = (torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,)))
+    with pytest.raises(ValueError, match="rounds must be a positive integer, got 0"):
+        time_training_steps({"a": LeNet5()}, batch, rounds=0)
+    with pytest.raises(ValueError, match="models must name at least one model"):
+        time_training_steps({}, batch)

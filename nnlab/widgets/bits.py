@@ -22,6 +22,7 @@ from torch import nn
 
 from .._args import check_choice, check_int, check_positive_int
 from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, QuantSpec, quantise_model, weight_layers
+from ..data import first_images
 from ..train import _loader
 
 __all__ = ["BitExplorer", "bit_explorer"]
@@ -69,16 +70,11 @@ class BitExplorer:
         self._build_figure()
 
     def _take(self, loader, n, seed=None):
-        xs, ys = [], []
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # a shuffled loader draws its order from torch's RNG
             if seed is not None:
                 torch.manual_seed(seed)
-            for x, y in loader:
-                xs.append(x)
-                ys.append(y)
-                if sum(len(t) for t in ys) >= n:
-                    break
-        return torch.cat(xs)[:n].to(self.device), torch.cat(ys)[:n].to(self.device)
+            x, y = first_images(loader, n)
+        return x.to(self.device), y.to(self.device)
 
     # -- widgets and figure -------------------------------------------------
     def _build_widgets(self):

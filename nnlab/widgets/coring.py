@@ -27,7 +27,7 @@ from torch import nn
 
 from .._args import check_choice, check_float, check_positive_int
 from ..prune import SCOPES, effective_weight, make_permanent, prunable_layers
-from ..train import _loader
+from ..data import first_images
 
 __all__ = ["CoringExplorer", "coring_explorer"]
 
@@ -85,14 +85,8 @@ class CoringExplorer:
             self.global_ranks[n] = ranks[start:start + w.numel()]
             start += w.numel()
         self.max_abs = float(flat.abs().max())
-        xs, ys = [], []
-        for x, y in _loader(data, "test"):
-            xs.append(x)
-            ys.append(y)
-            if sum(len(t) for t in ys) >= max_test:
-                break
-        self.x = torch.cat(xs)[:max_test].to(self.device)
-        self.y = torch.cat(ys)[:max_test].to(self.device)
+        x, y = first_images(data, max_test)
+        self.x, self.y = x.to(self.device), y.to(self.device)
         self.edges = np.linspace(-self.max_abs, self.max_abs, self.bins + 1)
         self.last_seconds = float("nan")
         self.result: dict = {}

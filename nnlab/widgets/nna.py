@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from .._args import check_positive_int
 from ..nna import SERIES2NX, NNAConfig, Program, report, requantise_weights, run, summary
 from ..plots.nna import plot_nna_costs
-from ..train import _loader
+from ..data import first_images
 
 __all__ = ["NNAExplorer", "nna_explorer"]
 
@@ -50,13 +50,8 @@ class NNAExplorer:
             raise TypeError(f"program must be a nnlab.nna Program, got {type(program).__name__}")
         check_positive_int("max_test", max_test)
         self.program, self.config = program, config
-        xs, ys = [], []
-        for x, y in _loader(data, "test"):
-            xs.append(x.numpy())
-            ys.append(y.numpy())
-            if sum(len(t) for t in ys) >= max_test:
-                break
-        self.x, self.y = np.concatenate(xs)[:max_test], np.concatenate(ys)[:max_test]
+        x, y = first_images(data, max_test)
+        self.x, self.y = x.numpy(), y.numpy()
         self.names = [layer.name for layer in program.weight_layers]
         start_bits = bits if bits is not None else max(8, config.min_bits)
         self.bits = {n: widgets.IntSlider(value=start_bits, min=max(2, config.min_bits), max=min(16, config.max_bits),
