@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     explorer = coring_explorer(teacher, data)
     moves = [("fraction", v, scope, layer) for v in (0.3, 0.6, 0.9, 0.95) for scope in ("global", "layer")
-             for layer in ("all layers", "7")] + [("threshold", t, "global", "all layers") for t in (0.01, 0.05, 0.1)]
+             for layer in ("all layers", "fc1")] + [("threshold", t, "global", "all layers") for t in (0.01, 0.05, 0.1)]
     times = [explorer.update(mode=m, value=v, scope=s, layer=layer)["seconds"] for m, v, s, layer in moves]
     torch.set_num_threads(torch_threads)
 

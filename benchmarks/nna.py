@@ -97,7 +97,7 @@ def main(argv=None) -> dict:
         "lenet5", sparsity, data=data, verbose=False), data, 16, 8))
     explorer = NNAExplorer(wide, data)
     explorer.update()
-    updates = [explorer.update(bits={"7": b, "0": 8 - (b % 3)})["seconds"] for b in (4, 5, 6, 7, 8, 5, 4)]
+    updates = [explorer.update(bits={"fc1": b, "conv1": 8 - (b % 3)})["seconds"] for b in (4, 5, 6, 7, 8, 5, 4)]
 
     results = {
         "agreement_fakequant": agree["agreement"],

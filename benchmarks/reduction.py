@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
         f"QAT {1e3 * steps['qat']:.2f} ms ({steps['qat'] / steps['fp32']:.2f}x)")
 
     explorer = bit_explorer(base, data)
-    settings = [(8, 8, "0"), (4, 8, "3"), (3, 6, "7"), (2, 4, "11"), (6, 8, "9"), (5, 5, "0"), (7, 8, "3")]
+    settings = [(8, 8, "conv1"), (4, 8, "conv2"), (3, 6, "fc1"), (2, 4, "fc3"), (6, 8, "fc2"), (5, 5, "conv1"), (7, 8, "conv2")]
     times = [explorer.update(weight_bits=w, act_bits=a, layer=l)["seconds"] for w, a, l in settings]
     widget_seconds = statistics.median(times)
     say(f"bit explorer update: median {widget_seconds:.3f} s")

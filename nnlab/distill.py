@@ -248,7 +248,7 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
     """
     from .cache import cached, pretrained
     from .data import load_data
-    from .models import MODELS
+    from .models import MODELS, upgrade_state_dict
 
     check_choice("model", model, MODELS)
     sparsity_target = check_float("sparsity", sparsity, 0, 1, high_open=True)
@@ -277,9 +277,10 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
 
     def restore(payload):
         student = copy.deepcopy(teacher)
-        masks = {k[: -len(".weight_mask")]: v for k, v in payload["state_dict"].items() if k.endswith(".weight_mask")}
+        state = upgrade_state_dict(student, payload["state_dict"])
+        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
         apply_masks(student, masks)
-        student.load_state_dict(payload["state_dict"])
+        student.load_state_dict(state)
         return student
 
     payload = cached(f"{model}-sparse{round(100 * sparsity_target)}-{data.name}-{data.source}", spec, build,

@@ -75,7 +75,7 @@ Rules that keep the ranks together:
   retrain it;
 * layer names: :mod:`nnlab.quant`, :mod:`nnlab.prune` and
   :mod:`nnlab.regularize` look inside the wrapper, so layers keep the plain
-  model's names (``"0"``, ``"3"`` ... in LeNet-5) whether wrapped or not;
+  model's names (``"conv1"``, ``"conv2"`` ... in LeNet-5) whether wrapped or not;
 * the batch size of :func:`distributed_loader` is per rank: N ranks with 64
   images each train with batches of ``64 * N`` images; scale the learning
   rate accordingly.

@@ -9,11 +9,18 @@
   max pooling) for 32x32 colour images; ``in_channels`` and ``input_size``
   let it run on 28x28 digits too.
 
-All are ordinary ``nn.Sequential`` subclasses, so later chapters can prune,
-quantise and compile them layer by layer.
+All are ordinary ``nn.Sequential`` subclasses whose layers have the names a
+student would give them: ``conv1``, ``relu1``, ``pool1`` ... ``fc1`` ...
+``fc3`` (``model.conv1``, ``model.get_submodule("fc3")``; ``model[0]`` still
+works).  Every table, plot and report shows these names.  Weights saved
+before the layers had names (keys ``"0.weight"``, ``"3.bias"`` ...) still load:
+:class:`NamedSequential` renames the keys by position.
 """
 
 from __future__ import annotations
+
+import re
+from collections import OrderedDict
 
 import pandas as pd
 import torch
@@ -21,40 +28,95 @@ from torch import nn
 
 from ._args import check_choice, check_positive_int
 
-__all__ = ["LeNet300100", "LeNet5", "VGGSmall", "MODELS", "build_model", "summary"]
+__all__ = ["NamedSequential", "LeNet300100", "LeNet5", "VGGSmall", "MODELS", "build_model", "summary",
+           "upgrade_state_dict"]
+
+_POSITIONAL_KEY = re.compile(r"^(\d+)(_quant)?(\..*)$")
 
 
-class LeNet300100(nn.Sequential):
-    """Multilayer perceptron 784-300-100-10 for 28x28 grey images."""
+def upgrade_state_dict(model: nn.Module, state_dict: dict) -> dict:
+    """Rename positional keys (``"0.weight"``, ``"3.weight_mask"``) to ``model``'s layer names.
+
+    Weights saved when the zoo models' layers were numbered load into the
+    named layers: child ``i`` of the ``nn.Sequential`` gets key prefix
+    ``"<name of child i>."``.  Keys that already use names pass unchanged.
+
+    Args:
+        model: a :class:`NamedSequential` (any other model: returned as is).
+        state_dict: the saved weights.
+
+    Returns:
+        A state dict with the model's names.
+    """
+    if not isinstance(model, NamedSequential):
+        return state_dict
+    names = list(model._modules)
+    if any(not n.isdigit() for n in names) and all(not k[:1].isdigit() for k in state_dict):
+        return state_dict
+    out = OrderedDict()
+    for key, value in state_dict.items():
+        m = _POSITIONAL_KEY.match(key)
+        if m and int(m.group(1)) < len(names) and m.group(1) not in model._modules:
+            key = names[int(m.group(1))] + (m.group(2) or "") + m.group(3)
+        out[key] = value
+    if hasattr(state_dict, "_metadata"):
+        out._metadata = state_dict._metadata
+    return out
+
+
+class NamedSequential(nn.Sequential):
+    """An ``nn.Sequential`` built from ``(name, layer)`` pairs that also loads weights saved with numbered keys."""
+
+    def __init__(self, *layers):
+        super().__init__(OrderedDict(layers))
+        self._register_load_state_dict_pre_hook(self._upgrade_keys, with_module=True)
+
+    @staticmethod
+    def _upgrade_keys(module, state_dict, prefix, *args):
+        if prefix:  # nested inside another model: its own keys carry the prefix
+            return
+        upgraded = upgrade_state_dict(module, dict(state_dict))
+        if list(upgraded) != list(state_dict):
+            state_dict.clear()
+            state_dict.update(upgraded)
+
+
+class LeNet300100(NamedSequential):
+    """Multilayer perceptron 784-300-100-10 for 28x28 grey images: ``flatten, fc1, relu1, fc2, relu2, fc3``."""
 
     def __init__(self, num_classes: int = 10, in_features: int = 784):
         check_positive_int("num_classes", num_classes)
         super().__init__(
-            nn.Flatten(),
-            nn.Linear(in_features, 300), nn.ReLU(),
-            nn.Linear(300, 100), nn.ReLU(),
-            nn.Linear(100, num_classes),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(in_features, 300)), ("relu1", nn.ReLU()),
+            ("fc2", nn.Linear(300, 100)), ("relu2", nn.ReLU()),
+            ("fc3", nn.Linear(100, num_classes)),
         )
 
 
-class LeNet5(nn.Sequential):
-    """LeNet-5 for 28x28 grey images: conv(6, 5x5, pad 2) - pool - conv(16, 5x5) - pool - 120 - 84 - classes."""
+class LeNet5(NamedSequential):
+    """LeNet-5 for 28x28 grey images: conv(6, 5x5, pad 2) - pool - conv(16, 5x5) - pool - 120 - 84 - classes.
+
+    Layers: ``conv1, relu1, pool1, conv2, relu2, pool2, flatten, fc1, relu3, fc2, relu4, fc3``.
+    """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1):
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         super().__init__(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(),
-            nn.Linear(16 * 5 * 5, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(),
-            nn.Linear(84, num_classes),
+            ("conv1", nn.Conv2d(in_channels, 6, 5, padding=2)), ("relu1", nn.ReLU()), ("pool1", nn.MaxPool2d(2)),
+            ("conv2", nn.Conv2d(6, 16, 5)), ("relu2", nn.ReLU()), ("pool2", nn.MaxPool2d(2)),
+            ("flatten", nn.Flatten()),
+            ("fc1", nn.Linear(16 * 5 * 5, 120)), ("relu3", nn.ReLU()),
+            ("fc2", nn.Linear(120, 84)), ("relu4", nn.ReLU()),
+            ("fc3", nn.Linear(84, num_classes)),
         )
 
 
-class VGGSmall(nn.Sequential):
+class VGGSmall(NamedSequential):
     """A small VGG-style CNN: three stages of two 3x3 conv + BN + ReLU, each followed by 2x2 max pooling.
+
+    Layers: ``conv1, bn1, relu1, conv2, bn2, relu2, pool1, conv3 ... pool3, flatten, fc``.
 
     Args:
         num_classes: output classes.
@@ -69,14 +131,16 @@ class VGGSmall(nn.Sequential):
             check_positive_int(name, val)
         if input_size < 8:
             raise ValueError(f"input_size must be >= 8 (three 2x2 poolings), got {input_size}")
-        layers, c_in = [], in_channels
-        for c_out in (width, 2 * width, 4 * width):
+        layers, c_in, k = [], in_channels, 0
+        for stage, c_out in enumerate((width, 2 * width, 4 * width), start=1):
             for _ in range(2):
-                layers += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+                k += 1
+                layers += [(f"conv{k}", nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)),
+                           (f"bn{k}", nn.BatchNorm2d(c_out)), (f"relu{k}", nn.ReLU())]
                 c_in = c_out
-            layers.append(nn.MaxPool2d(2))
+            layers.append((f"pool{stage}", nn.MaxPool2d(2)))
         side = input_size // 8
-        layers += [nn.Flatten(), nn.Linear(c_in * side * side, num_classes)]
+        layers += [("flatten", nn.Flatten()), ("fc", nn.Linear(c_in * side * side, num_classes))]
         super().__init__(*layers)
 
 

@@ -42,6 +42,7 @@ from . import config
 from ._args import check_choice, check_float, check_int
 from .cache import RECIPES, cached, pretrained
 from .data import DATASETS, first_images, load_data
+from .models import upgrade_state_dict
 from .train import accuracy, resolve_device
 
 __all__ = ["STAGES", "CompressionResult", "compress", "stage_costs"]
@@ -153,10 +154,10 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
 
     def restore(payload):
         student = copy.deepcopy(teacher)
-        masks = {k[: -len(".weight_mask")]: v for k, v in payload["state_dict"].items()
-                 if k.endswith(".weight_mask")}
+        state = upgrade_state_dict(student, payload["state_dict"])
+        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
         prune.apply_masks(student, masks)
-        student.load_state_dict(payload["state_dict"])
+        student.load_state_dict(state)
         return student
 
     name = f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}"

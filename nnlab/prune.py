@@ -133,8 +133,8 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
 
     Args:
         model: any ``nn.Module``.
-        layers: names (as in ``model.named_modules()``, e.g. ``"0"`` or
-            ``"7"`` for LeNet-5) of the layers to use; default every
+        layers: names (as in ``model.named_modules()``, e.g. ``"conv1"`` or
+            ``"fc1"`` for LeNet-5) of the layers to use; default every
             ``nn.Conv2d`` and ``nn.Linear``.
 
     Returns:
@@ -146,7 +146,7 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    model = _unwrap(model)  # under DistributedDataParallel, names are the wrapped model's ("0", not "module.0")
+    model = _unwrap(model)  # under DistributedDataParallel, names are the wrapped model's ("conv1", not "module.conv1")
     found = [(name, m) for name, m in model.named_modules() if isinstance(m, PRUNABLE_TYPES)]
     if not found:
         raise ValueError(

@@ -40,7 +40,7 @@ def test_corrupt_file_is_reported_and_rebuilt(tmp_path, monkeypatch, capsys, dam
         path.write_bytes(b"not a checkpoint")
     else:
         blob = torch.load(path, weights_only=True)
-        blob["payload"]["state_dict"].pop("0.weight")
+        blob["payload"]["state_dict"].pop("conv1.weight")
         torch.save(blob, path)
     capsys.readouterr()
     again = cache.pretrained("lenet5", quick=True, verbose=True)

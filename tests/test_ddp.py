@@ -59,8 +59,8 @@ def test_single_process_defaults():
     assert set(digest) == set(net.state_dict())
     with torch.no_grad():
         net[0].weight[0, 0, 0, 0] += 1e-7
-    assert D.state_digest(net)["0.weight"] != digest["0.weight"]  # one changed bit changes the digest
-    assert D.state_digest(net)["0.bias"] == digest["0.bias"]
+    assert D.state_digest(net)["conv1.weight"] != digest["conv1.weight"]  # one changed bit changes the digest
+    assert D.state_digest(net)["conv1.bias"] == digest["conv1.bias"]
 
 
 def test_distributed_loader_splits_the_data(small_data):
@@ -161,7 +161,7 @@ def _two_rank_checks(rank, store):
         torch.manual_seed(rank)  # deliberately different on each rank
         plain = LeNet5()
         before = D.differences_across_ranks(plain)
-        assert "0.weight" in before
+        assert "conv1.weight" in before
         model = D.wrap(plain)
         assert isinstance(model, nn.parallel.DistributedDataParallel) and D.unwrap(model) is plain
         assert D.differences_across_ranks(model) == []
@@ -308,11 +308,11 @@ def test_prune_sees_the_plain_names_inside_a_ddp_wrapper(tmp_path):
     try:
         torch.manual_seed(0)
         wrapped = DistributedDataParallel(LeNet5())
-        assert [n for n, _ in prune.prunable_layers(wrapped)] == ["0", "3", "7", "9", "11"]
-        prune.core_by_fraction(wrapped, 0.5, scope="layer", layers=["7"])
+        assert [n for n, _ in prune.prunable_layers(wrapped)] == ["conv1", "conv2", "fc1", "fc2", "fc3"]
+        prune.core_by_fraction(wrapped, 0.5, scope="layer", layers=["fc1"])
         report = prune.sparsity_report(wrapped)
-        assert "7" in set(report["layer"]) and not any(str(n).startswith("module.") for n in report["layer"])
+        assert "fc1" in set(report["layer"]) and not any(str(n).startswith("module.") for n in report["layer"])
         assert abs(float((wrapped.module[7].weight == 0).float().mean()) - 0.5) < 1e-3
-        assert l1_penalty(1.0, layers=["0"])(wrapped) > 0
+        assert l1_penalty(1.0, layers=["conv1"])(wrapped) > 0
     finally:
         dist.destroy_process_group()

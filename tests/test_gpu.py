@@ -54,7 +54,7 @@ def test_coring_and_gradual_schedule(data, device):
     net = LeNet5().to(device)
     core_by_threshold(net, 0.5, scope="layer")
     core_by_fraction(net, 0.5, scope="global")
-    core_channels(net, 0.25, layers=["0"])
+    core_channels(net, 0.25, layers=["conv1"])
     assert net[0].weight_mask.device.type == device
     assert sparsity(net) >= 0.5
     fit(net, data, 2, device=device, progress=False, callbacks=[GradualCoring(0.8, every=2, end=0.5)])
@@ -82,7 +82,7 @@ def test_distillation_with_l1(data, device):
 def test_sensitivity_analysis(data, device):
     net = _trained(data, device, epochs=1)
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    table = sensitivity_analysis(net, data, sparsities=(0.0, 0.9), layers=["0", "7"], device=device)
+    table = sensitivity_analysis(net, data, sparsities=(0.0, 0.9), layers=["conv1", "fc1"], device=device)
     assert len(table) == 4 and table["accuracy"].between(0, 100).all()
     dense = table[table["sparsity"] == 0.0]["accuracy"]
     assert dense.tolist() == pytest.approx([accuracy(net, data)] * 2, abs=1.0)  # coring nothing changes nothing
@@ -118,7 +118,7 @@ def test_batch_norm_network_and_generator(data, device):
     torch.manual_seed(0)
     vgg = VGGSmall(in_channels=1, input_size=28, width=4)
     fit(vgg, data, 1, device=device, progress=False, callbacks=[GradualCoring(0.5, every=2)])
-    q = quant.quantise_model(vgg, data, 6, 8, overrides={"0": 8}, device=device)
+    q = quant.quantise_model(vgg, data, 6, 8, overrides={"conv1": 8}, device=device)
     quant.retrain(q, data, 1, lr=0.01, device=device, progress=False)
     assert accuracy(q, data) >= 0
     draws = [torch.rand(3, generator=D.shared_generator(11, device), device=device) for _ in range(2)]

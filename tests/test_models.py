@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from nnlab.models import LeNet5, LeNet300100, VGGSmall, build_model, summary
+from nnlab.models import LeNet5, LeNet300100, VGGSmall, build_model, summary, upgrade_state_dict
 
 
 def n_params(m):
@@ -29,10 +29,10 @@ def test_summary_lenet5_macs_and_totals():
     t = summary(LeNet5(), (1, 28, 28))
     total = t.iloc[-1]
     assert total["layer"] == "total" and total["params"] == 61_706
-    conv1 = t[t.layer == "0"].iloc[0]
+    conv1 = t[t.layer == "conv1"].iloc[0]
     assert conv1["output_shape"] == (6, 28, 28)
     assert conv1["macs"] == 6 * 28 * 28 * 25 and conv1["params"] == 156
-    fc1 = t[t.layer == "7"].iloc[0]
+    fc1 = t[t.layer == "fc1"].iloc[0]
     assert fc1["macs"] == 400 * 120
     expected_macs = 6 * 28 * 28 * 25 + 16 * 10 * 10 * 150 + 400 * 120 + 120 * 84 + 84 * 10
     assert total["macs"] == expected_macs
@@ -54,3 +54,18 @@ def test_summary_total_activations_skip_in_place_layers():
     t = summary(LeNet5(), (1, 28, 28))
     # conv1, pool1, conv2, pool2, fc1, fc2, fc3 write new tensors; ReLU and Flatten do not.
     assert t.iloc[-1]["activations"] == 4704 + 1176 + 1600 + 400 + 120 + 84 + 10
+
+
+@pytest.mark.parametrize("name", ["lenet300", "lenet5", "vgg-mnist"])
+def test_layers_have_names_and_numbered_weights_still_load(name):
+    torch.manual_seed(0)
+    net = build_model(name)
+    names = [n for n, _ in net.named_children()]
+    assert not any(n.isdigit() for n in names) and any(n.startswith("conv") or n.startswith("fc") for n in names)
+    # Weights saved when the layers were numbered ("0.weight", "3.weight_mask" ...) load by position.
+    numbered = {f"{names.index(k.split('.')[0])}.{k.split('.', 1)[1]}": v for k, v in net.state_dict().items()}
+    assert all(k[0].isdigit() for k in numbered)
+    other = build_model(name)
+    other.load_state_dict(numbered)
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), other.state_dict().values()))
+    assert upgrade_state_dict(other, numbered).keys() == net.state_dict().keys()

@@ -246,8 +246,8 @@ def test_compiled_program_matches_fake_quant_model(tiny_data):
     net = nnlab.cache.pretrained("lenet5", data=tiny_data, quick=True, verbose=False)
     q = nnlab.quant.quantise_model(net, tiny_data, 5, 8)
     prog = nna.compile_model(q)
-    layer = prog.layer("7")
-    codes, spec, scale, _ = nnlab.quant.quantised_weight(q.get_submodule("7"))
+    layer = prog.layer("fc1")
+    codes, spec, scale, _ = nnlab.quant.quantised_weight(q.get_submodule("fc1"))
     np.testing.assert_array_equal(layer.weight, codes.numpy())
     assert layer.weight_bits == 5 and layer.bias.dtype == np.int32
     for mode in nna.MODES:

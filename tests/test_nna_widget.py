@@ -24,9 +24,9 @@ def test_explorer_updates_and_costs_follow_the_sliders(program):
     assert sparse4["storage_bytes"] < dense8["storage_bytes"] / 4
     assert sparse4["energy_uj"] < dense8["energy_uj"]
     assert 0 <= sparse4["accuracy"] <= 100 and dense8["accuracy"] > 50
-    explorer.bits["7"].value = 5  # a slider move triggers an update
+    explorer.bits["fc1"].value = 5  # a slider move triggers an update
     assert explorer.result["seconds"] < 5
-    assert set(explorer.bits) == {"0", "3", "7", "9", "11"}
+    assert set(explorer.bits) == {"conv1", "conv2", "fc1", "fc2", "fc3"}
 
 
 def test_explorer_validates(program):
@@ -35,7 +35,7 @@ def test_explorer_validates(program):
         NNAExplorer("lenet5", data)
     explorer = NNAExplorer(prog, data, max_test=50)
     with pytest.raises(ValueError, match="weight_bits"):
-        explorer.update(bits={"7": 1})
+        explorer.update(bits={"fc1": 1})
     with pytest.raises(ValueError, match="names layer"):
         explorer.update(sparsity={"8": 0.5})
 
@@ -45,7 +45,7 @@ def test_plots_draw(program):
     table = nna.report(prog)
     fig = plot_nna_costs(table)
     assert len(fig.axes) == 3
-    assert plot_weight_codes(prog.layer("7")).axes[0].get_title().startswith("layer 7")
+    assert plot_weight_codes(prog.layer("fc1")).axes[0].get_title().startswith("layer fc1")
     import pandas as pd
     stages = pd.DataFrame({"stage": ["fp32", "nna"], "accuracy": [99.0, 98.8], "energy_uj": [65.0, 2.0]})
     assert plot_stages(stages).axes[0].get_xscale() == "log"

@@ -107,7 +107,7 @@ def test_coring_composes_and_never_revives():
 
 def test_core_channels_removes_whole_filters():
     net = LeNet5()
-    P.core_channels(net, 0.5, dim=0, layers=["3"])
+    P.core_channels(net, 0.5, dim=0, layers=["conv2"])
     w = net[3].weight
     dead = (w.flatten(1) == 0).all(1)
     assert int(dead.sum()) == 8
@@ -192,8 +192,8 @@ def test_iterative_coring_history(small_data):
 def test_sensitivity_analysis_leaves_model_alone(small_data):
     net = LeNet5()
     state = copy.deepcopy(net.state_dict())
-    table = P.sensitivity_analysis(net, small_data, sparsities=(0.0, 0.9), layers=["0", "11"])
-    assert len(table) == 4 and set(table["layer"]) == {"0", "11"}
+    table = P.sensitivity_analysis(net, small_data, sparsities=(0.0, 0.9), layers=["conv1", "fc3"])
+    assert len(table) == 4 and set(table["layer"]) == {"conv1", "fc3"}
     base = accuracy(net, small_data)
     assert (table[table.sparsity == 0.0]["accuracy"] == base).all()
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())
@@ -244,7 +244,7 @@ def test_coring_explorer_agrees_with_core_by_fraction(small_data):
     assert result["sparsity"] == pytest.approx(P.sparsity(reference))
     assert result["accuracy"] == pytest.approx(accuracy(reference, small_data))
     assert not P.is_pruned(net[0])  # the explorer works on a copy
-    result = explorer.update(mode="threshold", value=0.05, scope="global", layer="7")
+    result = explorer.update(mode="threshold", value=0.05, scope="global", layer="fc1")
     assert result["layer_sparsity"] == pytest.approx(float((net[7].weight.abs() < 0.05).float().mean()))
     result = explorer.update(mode="threshold", value=0.8, scope="layer", layer="all layers")
     reference = P.core_by_threshold(copy.deepcopy(net), 0.8, scope="layer")

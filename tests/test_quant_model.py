@@ -43,14 +43,14 @@ def test_ptq_keeps_an_ordinary_module_and_the_levels(data, trained):
     q = quant.quantise_model(trained, data, weight_bits=3, act_bits=8)
     assert isinstance(q, nn.Sequential) and not any(isinstance(m, quant.ActQuantizer) for m in trained.modules())
     _check_levels(q, 3)
-    for name in ("0", "3", "7", "9", "11"):
+    for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
         layer = q.get_submodule(name)
         wq = quant.weight_quantizer(layer)
         assert wq.spec.bits == 3 and wq.scale.shape == (layer.weight.shape[0],)
         codes, spec, scale, zp = quant.quantised_weight(layer)
         assert torch.equal(quant.dequantise(codes, spec, scale, zp), layer.weight)
     # Activation quantisers in data-flow order: input, then after each ReLU (or its max pool).
-    assert list(quant.act_quantizers(q)) == ["input_quant", "2_quant", "5_quant", "8_quant", "10_quant"]
+    assert list(quant.act_quantizers(q)) == ["input_quant", "pool1_quant", "pool2_quant", "relu3_quant", "relu4_quant"]
     assert quant.act_quantizers(q)["input_quant"].spec.symmetric is False
     x, _ = next(iter(data.test))
     with torch.no_grad():
@@ -65,7 +65,7 @@ def test_ptq_keeps_an_ordinary_module_and_the_levels(data, trained):
 def test_quantiser_after_pool_is_the_same_as_after_relu(data, trained):
     """Max pooling commutes with rounding: quantising after the pool changes no value."""
     q = quant.quantise_model(trained, data, None, 4)
-    aq = quant.act_quantizers(q)["2_quant"]
+    aq = quant.act_quantizers(q)["pool1_quant"]
     x, _ = next(iter(data.test))
     with torch.no_grad():
         h = trained[1](trained[0](x))
@@ -77,9 +77,9 @@ def test_quantiser_after_pool_is_the_same_as_after_relu(data, trained):
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_high_bits_match_float(data, trained, bits):
     q = quant.quantise_model(trained, data, weight_bits=bits, act_bits=None)
-    w, wq = trained[3].weight, q.get_submodule("3").weight
+    w, wq = trained[3].weight, q.get_submodule("conv2").weight
     err = (w - wq).abs().max()
-    scale = quant.weight_quantizer(q.get_submodule("3")).scale.max()
+    scale = quant.weight_quantizer(q.get_submodule("conv2")).scale.max()
     assert err <= scale / 2 + 1e-6
     if bits == 8:
         assert abs(accuracy(q, data) - accuracy(trained, data)) <= 1.0
@@ -87,17 +87,17 @@ def test_high_bits_match_float(data, trained, bits):
 
 def test_per_layer_overrides(data, trained):
     spec = quant.QuantSpec(6, granularity="per_tensor")
-    q = quant.quantise_model(trained, data, 3, 8, overrides={"0": 8, "11": spec}, act_overrides={"input_quant": 6})
-    bits = {"0": 8, "3": 3, "7": 3, "9": 3, "11": 6}
+    q = quant.quantise_model(trained, data, 3, 8, overrides={"conv1": 8, "fc3": spec}, act_overrides={"input_quant": 6})
+    bits = {"conv1": 8, "conv2": 3, "fc1": 3, "fc2": 3, "fc3": 6}
     table = _check_levels(q, bits)
     assert dict(zip(table.layer, table.bits)) == bits
-    assert quant.weight_quantizer(q.get_submodule("11")).spec == spec
+    assert quant.weight_quantizer(q.get_submodule("fc3")).spec == spec
     assert quant.act_quantizers(q)["input_quant"].spec.bits == 6
-    assert quant.act_quantizers(q)["2_quant"].spec.bits == 8
+    assert quant.act_quantizers(q)["pool1_quant"].spec.bits == 8
 
 
 def test_bad_arguments(data, trained):
-    with pytest.raises(ValueError, match="'5'.*valid names: '0', '3', '7', '9', '11'"):
+    with pytest.raises(ValueError, match="'5'.*valid names: 'conv1', 'conv2', 'fc1', 'fc2', 'fc3'"):
         quant.quantise_model(trained, data, 4, 8, overrides={"5": 8})
     with pytest.raises(ValueError, match="act_overrides.*'1_quant'"):
         quant.quantise_model(trained, data, 4, 8, act_overrides={"1_quant": 8})
@@ -108,7 +108,7 @@ def test_bad_arguments(data, trained):
     with pytest.raises(TypeError, match="bits must be an integer"):
         quant.quantise_model(trained, data, 4.0, 8)
     with pytest.raises(TypeError, match="overrides"):
-        quant.quantise_model(trained, data, 4, 8, overrides={"0": 4.5})
+        quant.quantise_model(trained, data, 4, 8, overrides={"conv1": 4.5})
     with pytest.raises(ValueError, match="granularity"):
         quant.quantise_model(trained, data, 4, 8, granularity="per_row")
     with pytest.raises(ValueError, match="weight_method"):
@@ -139,10 +139,10 @@ def test_fully_pruned_and_constant_layers(data, trained):
     with torch.no_grad():
         out = q(x)
     assert torch.isfinite(out).all()
-    assert q.get_submodule("0").weight.eq(0).all()
-    assert torch.equal(q.get_submodule("9").weight, torch.full_like(net[9].weight, 0.25))
+    assert q.get_submodule("conv1").weight.eq(0).all()
+    assert torch.equal(q.get_submodule("fc2").weight, torch.full_like(net[9].weight, 0.25))
     quant.retrain(q, data, 1, method="ste", progress=False)
-    assert q.get_submodule("0").weight.eq(0).all() and all(torch.isfinite(p).all() for p in q.parameters())
+    assert q.get_submodule("conv1").weight.eq(0).all() and all(torch.isfinite(p).all() for p in q.parameters())
 
 
 @pytest.mark.parametrize("method", ["ste", "random_subset"])

@@ -43,7 +43,7 @@ returns an ordinary ``nn.Module`` built from the float model:
 * **Grid semantics** (PyTorch's): ``q = clamp(round(x * (1/scale)) +
   zero_point, spec.quant_min, spec.quant_max)``, rounding half to even, and
   ``x_hat = (q - zero_point) * scale``.
-* **Names** of the original layers are unchanged (``"0"``, ``"3"``, ``"7"``
+* **Names** of the original layers are unchanged (``"conv1"``, ``"conv2"``, ``"fc1"``
   ... in LeNet-5); positional indexing shifts by the inserted quantisers, so
   use ``model.get_submodule(name)``.  ``describe(model)`` lists every
   quantiser in order as a table.

@@ -203,7 +203,7 @@ def attach_quantisers(
     it follows: the ReLU, or the MaxPool2d right after it (pooling commutes
     with rounding, so the values are the same and 4x fewer are quantised).
     Original layers keep their names, but positional indices shift
-    (``model[0]`` is now the input quantiser): use ``get_submodule("3")``.
+    (``model[0]`` is now the input quantiser): use ``get_submodule("conv2")``.
 
     Args:
         model: the float network; activation quantisation needs an
@@ -215,11 +215,11 @@ def attach_quantisers(
         narrow_range: symmetric weight grid without its most negative level.
         weight_method: ``"max"``, ``"percentile"`` or ``"mse"`` weight scales.
         act_method: ``"max"`` or ``"percentile"`` activation ranges.
-        overrides: per-layer weight choice, ``{"0": 8, "11": QuantSpec(...)}``
+        overrides: per-layer weight choice, ``{"conv1": 8, "fc3": QuantSpec(...)}``
             (a bit-depth or a full QuantSpec), keyed by Conv2d/Linear name.
         act_overrides: per-quantiser activation bits or spec, keyed by the
             quantiser's name (see :func:`act_quantizer_names`), e.g.
-            ``{"input_quant": 8, "2_quant": 6}``.
+            ``{"input_quant": 8, "pool1_quant": 6}``.
         inplace: change ``model`` itself instead of a deep copy.
 
     Returns:
@@ -362,7 +362,7 @@ def quantise_model(
         The quantised model, an ordinary ``nn.Module`` in eval mode.
 
     Example:
-        >>> q = quantise_model(net, data, weight_bits=4, act_bits=8, overrides={"0": 8})
+        >>> q = quantise_model(net, data, weight_bits=4, act_bits=8, overrides={"conv1": 8})
         >>> nnlab.train.accuracy(q, data)
     """
     qmodel = attach_quantisers(model, weight_bits, act_bits, **options)

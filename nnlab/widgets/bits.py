@@ -132,7 +132,7 @@ class BitExplorer:
             act_bits: bits of the activations (2..16).
             granularity: ``"per_channel"`` or ``"per_tensor"`` weight scales.
             layer: the layer whose weights and grid are drawn.
-            overrides: per-layer weight bits, ``{"0": 8}`` (replaces the
+            overrides: per-layer weight bits, ``{"conv1": 8}`` (replaces the
                 explorer's current per-layer choices).
             draw: redraw the histogram (rendered to the widget's image).
 
