@@ -52,8 +52,6 @@ OFFLINE_SPLIT_SEED = 2014
 DOWNLOAD_TIMEOUT = 20.0
 
 
-
-
 class ImageTensors(Dataset):
     """Images held as a uint8 tensor ``(N, C, H, W)`` with integer labels.
 
