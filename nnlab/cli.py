@@ -12,7 +12,11 @@ bars, and writes to ``--out``:
   simulator's per-layer report;
 * ``report.json``: the same figures, for scripts.
 
-Every option is checked before any training starts.  ``--device`` picks
+Every option (and every ``NNLAB_*`` environment variable) is checked
+before any training starts; options are parsed before PyTorch is even
+loaded, so ``--help`` and a mistyped option answer at once.  Ctrl-C stops
+the run with one line and exit status 130; an error during the run is one
+line on stderr and exit status 1.  ``--device`` picks
 where to train (``cpu``, ``cuda``, ``cuda:N``).  The command runs in one
 process: started by ``torchrun`` with several processes it refuses, and
 points to ``benchmarks/ddp.py``, the same prune -> distill -> retrain
@@ -29,6 +33,7 @@ import json
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "write_report"]
@@ -60,9 +65,10 @@ def _ranged_int(name, low, high):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nnlab`` argument parser (built without loading PyTorch)."""
     from . import __version__
+    from ._catalogue import DATASETS, SOURCES
     from .cache import RECIPES
-    from .data import DATASETS, SOURCES
 
     parser = argparse.ArgumentParser(
         prog="nnlab", description="nnlab: train neural networks for efficient inference.")
@@ -98,13 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(parser, out: Path):
+    """Refuse an --out that cannot become a writable directory (makes it, and tries a write)."""
     if out.exists() and not out.is_dir():
         parser.error(f"--out must be a directory, but {out} is a file")
     probe = out
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        parser.error(f"--out {out}: cannot write in {probe}")
+    if not probe.is_dir():
+        parser.error(f"--out {out}: {probe} is a file, so no directory can be made under it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot write there ({exc.strerror or exc})")
 
 
 def _figure_png(fig) -> str:
@@ -114,14 +127,9 @@ def _figure_png(fig) -> str:
 
 
 def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ._files import atomic_write
+
+    atomic_write(path, text)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
@@ -198,14 +206,39 @@ def _json_default(value):
     return str(value)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv=None) -> int:
+    """Run ``nnlab`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Returns:
+        0 on success, 1 when the run failed (one line on stderr), 2 for a
+        bad option or environment variable (argparse's convention), 130
+        when interrupted with Ctrl-C.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("nnlab: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
+    from . import config
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    problems = config.check_environment()
+    if problems:
+        parser.error("; ".join(problems))
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         parser.error(f"nnlab compress runs in one process, but WORLD_SIZE={world}: to train on several GPUs "
                      f"run `torchrun --nproc_per_node={world} benchmarks/ddp.py --device cuda ...` instead, "
                      f"or pick one GPU with `nnlab compress --device cuda:N`")
+    # From here on PyTorch is loaded.
     from .train import resolve_device
 
     try:
@@ -221,17 +254,32 @@ def main(argv=None) -> int:
     if not hardware.min_bits <= args.act_bits <= hardware.max_bits:
         parser.error(f"--act-bits {args.act_bits}: {hardware.name} supports "
                      f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
+    from ._preflight import check_compress_arguments
+
+    options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
+                   method=args.method, hardware=hardware, device=args.device, seed=args.seed,
+                   quick=True if args.quick else None, l1_branch=not args.no_l1, verbose=not args.no_progress)
+    try:
+        check_compress_arguments(args.model, args.dataset, **options)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     _check_out(parser, args.out)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
 
     from .pipeline import compress
 
-    result = compress(args.model, args.dataset, source=args.source, sparsity=args.sparsity,
-                      weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, hardware=hardware,
-                      device=args.device, seed=args.seed, quick=True if args.quick else None,
-                      l1_branch=not args.no_l1, verbose=not args.no_progress)
-    write_report(result, args.out)
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        result = compress(args.model, args.dataset, **options)
+        write_report(result, args.out)
+    except Exception as exc:  # one line, not a traceback: the options were sound, the run was not
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"nnlab compress: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = shown
     head = result.headline()
     print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}% | storage "
           f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "

@@ -202,21 +202,12 @@ def compress(
         A :class:`CompressionResult`.
     """
     from . import nna, prune, quant
+    from ._preflight import check_compress_arguments
     from .distill import pretrained_sparse
 
-    check_choice("model", model, RECIPES)
-    check_choice("dataset", dataset, DATASETS)
-    sparsity = check_float("sparsity", sparsity, 0, 1, high_open=True)
-    check_int("weight_bits", weight_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
-    check_int("act_bits", act_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
-    check_choice("method", method, quant.METHODS)
-    hardware = nna.SERIES2NX if hardware is None else hardware
-    if not isinstance(hardware, nna.NNAConfig):
-        raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")
-    if not hardware.min_bits <= weight_bits <= hardware.max_bits:
-        raise ValueError(f"weight_bits={weight_bits} is outside what {hardware.name} supports "
-                         f"({hardware.min_bits}..{hardware.max_bits} bits)")
-    dev = resolve_device(device)
+    sparsity, hardware, dev = check_compress_arguments(
+        model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
+        hardware=hardware, device=device, seed=seed, quick=quick, l1_branch=l1_branch, verbose=verbose)
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 

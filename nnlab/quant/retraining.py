@@ -236,9 +236,12 @@ def pretrained_quantised(
         test accuracy (``top1``) and the settings.
     """
     from .. import cache, config
+    from .._preflight import check_quantised_arguments
     from ..data import load_data
 
-    check_choice("method", method, METHODS + ("ptq",))
+    check_quantised_arguments(model, weight_bits, act_bits, method=method, epochs=epochs, sparsity=sparsity,
+                              granularity=granularity, overrides=overrides, lr=lr, data=data, device=device,
+                              seed=seed, quick=quick, verbose=verbose)
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
     if data is None:
