@@ -514,7 +514,7 @@ def compile_torch_int8(qmodel: nn.Module, input_shape=(1, 28, 28), *, name: str 
     modules, ``MaxPool2d``/``AvgPool2d``/``Flatten``/``Identity``/``Dropout``,
     and a ``DeQuantize`` at the end (see :func:`nnlab.nna.torch_int8.quantise_torch_int8`).
     An average pool keeps its input's grid and rounds as PyTorch's
-    channels-last kernel does (``rounding="centred"``: a quantized
+    channels-last kernel does (``rounding="scaled"``: a quantized
     convolution outputs channels-last tensors).
 
     Args:
@@ -564,7 +564,7 @@ def compile_torch_int8(qmodel: nn.Module, input_shape=(1, 28, 28), *, name: str 
             grid = layers[-1].out_grid
             layers.append(PoolLayer(label, attrs.kind, (layers[-1].name,), attrs.attrs["kernel_size"],
                                     attrs.attrs["stride"], attrs.attrs["padding"], grid, grid,
-                                    rounding="centred"))
+                                    rounding="scaled"))
         elif isinstance(m, nn.Flatten):
             layers.append(FlattenLayer(label, (layers[-1].name,), layers[-1].out_grid))
         elif isinstance(m, (nn.Identity, nn.Dropout)):

@@ -350,7 +350,10 @@ def maxpool2d(q: np.ndarray, layer: PoolLayer) -> np.ndarray:
 def avgpool2d(q: np.ndarray, layer: PoolLayer, mode: str = "torch") -> np.ndarray:
     """Average pooling of ``(C, N, H, W)`` integers; every window divides by ``n = kh * kw`` (padding included).
 
-    With ``S`` the window sum of ``q - in_zero_point`` (padding: real zero), by ``layer.rounding``:
+    With ``S`` the window sum of ``q - in_zero_point`` (padding: real zero),
+    ``R`` the window sum of the raw integers ``q`` (padding: the integer 0)
+    and ``M = f32(in_scale / out_scale / n)`` (computed in float64), by
+    ``layer.rounding``:
 
     * ``"requantise"`` (what the compiler emits for nnlab's models, whose
       fake-quantised average pool is followed by its own quantiser): the
@@ -359,38 +362,47 @@ def avgpool2d(q: np.ndarray, layer: PoolLayer, mode: str = "torch") -> np.ndarra
       ``q = rint(v * f32(1 / out_scale)) + out_zero_point``;
       ``"integer"`` mode: ``S`` times the fixed-point multiplier of
       ``in_scale / (n * out_scale)``, rounded half up, plus the zero point.
-    * ``"centred"``: ``zero_point + rint(S / n)`` (half to even), on the
-      input's grid.  PyTorch's quantized ``avg_pool2d`` and
-      ``adaptive_avg_pool2d`` compute exactly this on a channels-last
-      (NHWC) tensor, such as a quantized convolution's output.
-    * ``"raw"``: ``rint(R / n)`` with ``R`` the window sum of the raw
-      integers ``q`` (padding counts as the integer 0, not the zero point),
-      on the input's grid.  PyTorch's quantized ``avg_pool2d``,
-      ``adaptive_avg_pool2d`` and ``mean`` compute exactly this on a
-      contiguous (NCHW) tensor: the zero point is not subtracted, so at a
-      tie it rounds differently from ``"centred"`` when the zero point is odd.
 
-    A fused activation clamps the result on the output grid.
+    The others are PyTorch's quantized CPU kernels, which keep the input's
+    grid (measured to the integer, in both modes):
+
+    * ``"scaled"``: ``rint(f32(S) * M) + zero_point``: ``avg_pool2d`` and
+      ``adaptive_avg_pool2d`` of a channels-last (NHWC) tensor, such as a
+      quantized convolution's or add's output;
+    * ``"scaled_zp"``: ``rint(f32(f32(S) * M) + f32(zero_point))``:
+      ``avg_pool2d`` of a contiguous (NCHW) tensor;
+    * ``"raw_scaled"``: ``rint(f32(R) * M)``: ``adaptive_avg_pool2d`` of a
+      contiguous tensor (the zero point is never subtracted);
+    * ``"raw"``: ``rint(R / n)`` exactly: ``mean`` over H and W of a
+      contiguous tensor.  (``mean`` of a channels-last tensor rounds in yet
+      another way, which no rounding here reproduces.)
+
+    ``rint`` rounds half to even.  A fused activation clamps the result on the output grid.
     """
     (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
     n = kh * kw
     x = q.astype(np.int64)
-    if layer.rounding != "raw":
+    if layer.rounding not in ("raw_scaled", "raw"):
         x = x - int(layer.in_grid.zero_point)
     if ph or pw:
         x = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     sums = sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw].sum(axis=(-2, -1))
-    out = layer.out_grid
-    if layer.rounding == "raw":
-        v = np.rint(sums / n)  # float64 division of integers below 2**53: a tie is an exact .5
-    elif layer.rounding == "centred":
-        v = np.rint(sums / n) + int(out.zero_point)
-    elif mode == "torch":
+    out, rounding = layer.out_grid, layer.rounding
+    zp = int(out.zero_point)
+    m = f32(np.float64(layer.in_grid.scale) / np.float64(out.scale) / n)
+    if rounding == "requantise" and mode == "torch":
         mean = (np.float64(layer.in_grid.scale) * sums / n).astype(f32)
-        v = np.rint(mean * (f32(1.0) / out.scale)) + int(out.zero_point)
-    else:
-        multiplier = np.float64(layer.in_grid.scale) / (n * np.float64(out.scale))
-        v = requantise_integer(sums, np.array([multiplier]), 40) + int(out.zero_point)
+        v = np.rint(mean * (f32(1.0) / out.scale)) + zp
+    elif rounding == "requantise":
+        v = requantise_integer(sums, np.array([np.float64(layer.in_grid.scale) / (n * np.float64(out.scale))]), 40) + zp
+    elif rounding == "scaled":
+        v = np.rint(sums.astype(f32) * m) + zp
+    elif rounding == "scaled_zp":
+        v = np.rint(sums.astype(f32) * m + f32(zp))
+    elif rounding == "raw_scaled":
+        v = np.rint(sums.astype(f32) * m)
+    else:  # "raw": float64 division of integers below 2**53, so a tie is an exact .5
+        v = np.rint(sums / n)
     return _clamp(v, layer)
 
 

@@ -45,9 +45,10 @@ KERNELS = ("fbgemm", "onednn")
 #: The most fractional bits a weight layer's int32 bias may carry.
 MAX_BIAS_FRAC_BITS = 16
 #: How an average pool rounds (see :func:`nnlab.nna.engine.avgpool2d`): ``"requantise"`` (the mean onto
-#: another grid, as a fake-quantised model does), ``"centred"`` (PyTorch's channels-last quantized
-#: kernel) or ``"raw"`` (PyTorch's contiguous quantized kernel); the last two keep the input's grid.
-AVG_ROUNDINGS = ("requantise", "centred", "raw")
+#: another grid, as a fake-quantised model computes it), or as one of PyTorch's quantized kernels, which keep
+#: the input's grid: ``"scaled"`` (avg_pool2d and adaptive_avg_pool2d, channels-last), ``"scaled_zp"``
+#: (avg_pool2d, contiguous), ``"raw_scaled"`` (adaptive_avg_pool2d, contiguous), ``"raw"`` (mean, contiguous).
+AVG_ROUNDINGS = ("requantise", "scaled", "scaled_zp", "raw_scaled", "raw")
 
 
 def _check_activation(name, activation):
@@ -188,8 +189,8 @@ class PoolLayer:
     Attributes:
         name, op (``"maxpool2d"`` / ``"avgpool2d"``), inputs, kernel_size, stride, padding (pairs of ints).
         in_grid, out_grid: the grids read and written; equal for a max pool
-            (the maximum of grid values is a grid value) and for the
-            ``"centred"``/``"raw"`` roundings.
+            (the maximum of grid values is a grid value) and for every
+            rounding but ``"requantise"``.
         rounding: how an average is rounded, one of :data:`AVG_ROUNDINGS`.
         activation: a fused clamp of an average pool's output (see the module docstring), or None.
     """
