@@ -336,7 +336,10 @@ def _function_op(node, shape_nodes):
         tensors = node_arg(0, "tensors")
         if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors):
             raise _refuse(node, None, "concatenates something other than a list of tensors")
-        return op("cat", dim=node_arg(1, "dim", 0), operands=tuple(tensors))
+        dim = node_arg(1, "dim", 0)
+        if dim == 0:
+            raise _refuse(node, None, "concatenates along the batch (dim=0)", "the NNA concatenates channels (dim=1)")
+        return op("cat", dim=dim, operands=tuple(tensors))
     if f in _RELUS:
         return op("activation", range=_RELUS[f])
     if f is F.hardtanh:
