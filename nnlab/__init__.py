@@ -21,7 +21,7 @@ __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pic
 set_threads()
 
 _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
-               "nna", "checks", "pipeline", "cli", "distributed"}
+               "nna", "checks", "pipeline", "cli", "distributed", "graph"}
 
 
 def __getattr__(name):

@@ -277,13 +277,17 @@ class _Compiler:
                             **geometry)
         self.emit(step, layer, grid, value_node)
 
-    def add(self, step):
+    def join(self, step, cls):
+        """An add or a concat: read every operand on its grid, write onto the grid of the quantiser after it."""
         op = step.head
         ins = [self.read(n, op.name) for n in op.attrs["operands"]]
         grid, value_node = self.out_grid(step, final_ok=False)
-        layer = AddLayer(self.name(op.name, op.node), tuple(n for n, _ in ins), tuple(g for _, g in ins), grid,
-                         step.activation)
+        layer = cls(self.name(op.name, op.node), tuple(n for n, _ in ins), tuple(g for _, g in ins), grid,
+                    step.activation)
         self.emit(step, layer, grid, value_node)
+
+    def add(self, step):
+        self.join(step, AddLayer)
 
     def cat(self, step):
         op = step.head
@@ -292,11 +296,7 @@ class _Compiler:
         if not isinstance(dim, int) or dim % rank != 1:
             raise graph.GraphError(f"node {op.name!r} (torch.cat) concatenates along dim {dim} of "
                                    f"{rank}-D tensors; the NNA concatenates channels (dim=1)")
-        ins = [self.read(n, op.name) for n in op.attrs["operands"]]
-        grid, value_node = self.out_grid(step, final_ok=False)
-        layer = ConcatLayer(self.name(op.name, op.node), tuple(n for n, _ in ins), tuple(g for _, g in ins), grid,
-                            step.activation)
-        self.emit(step, layer, grid, value_node)
+        self.join(step, ConcatLayer)
 
     def pool_geometry(self, op):
         """kernel, stride, padding of an average pool (adaptive pools and means from the measured shapes)."""

@@ -243,24 +243,22 @@ class FlattenLayer:
 
 
 @dataclass(eq=False)
-class AddLayer:
-    """Residual add of two integer tensors on their own grids, onto ``out_grid`` (see :func:`nnlab.nna.engine.add`).
-
-    Attributes:
-        name, inputs (two names), in_grids (their grids), out_grid, activation (a fused clamp, or None).
-    """
+class _JoinLayer:
+    """A layer that reads several tensors on their own grids and writes one onto ``out_grid``."""
 
     name: str
     inputs: tuple
     in_grids: tuple
     out_grid: Grid
     activation: tuple | None = None
-    op: str = "add"
+    ARITY = (1, None)  # the fewest and most inputs (None: any number)
 
     def __post_init__(self):
         self.inputs, self.in_grids = tuple(self.inputs), tuple(self.in_grids)
-        if len(self.inputs) != 2 or len(self.in_grids) != 2:
-            raise ValueError(f"layer {self.name!r}: an add reads two layers, got inputs {self.inputs}")
+        low, high = self.ARITY
+        if len(self.inputs) != len(self.in_grids) or len(self.inputs) < low or (high and len(self.inputs) > high):
+            raise ValueError(f"layer {self.name!r}: an {self.op} reads {low}{'' if low == high else ' or more'} "
+                             f"layers with one grid each, got inputs {self.inputs} and {len(self.in_grids)} grids")
         for g in self.in_grids:
             _check_grid(self.name, "in_grids entry", g)
         _check_grid(self.name, "out_grid", self.out_grid)
@@ -268,29 +266,26 @@ class AddLayer:
 
 
 @dataclass(eq=False)
-class ConcatLayer:
+class AddLayer(_JoinLayer):
+    """Residual add of two integer tensors on their own grids, onto ``out_grid`` (see :func:`nnlab.nna.engine.add`).
+
+    Attributes:
+        name, inputs (two names), in_grids (their grids), out_grid, activation (a fused clamp, or None).
+    """
+
+    op: str = "add"
+    ARITY = (2, 2)
+
+
+@dataclass(eq=False)
+class ConcatLayer(_JoinLayer):
     """Channel concatenation of integer tensors, each rescaled onto ``out_grid`` (see :func:`nnlab.nna.engine.concat`).
 
     Attributes:
-        name, inputs (two or more names), in_grids (their grids), out_grid, activation (a fused clamp, or None).
+        name, inputs (one or more names), in_grids (their grids), out_grid, activation (a fused clamp, or None).
     """
 
-    name: str
-    inputs: tuple
-    in_grids: tuple
-    out_grid: Grid
-    activation: tuple | None = None
     op: str = "concat"
-
-    def __post_init__(self):
-        self.inputs, self.in_grids = tuple(self.inputs), tuple(self.in_grids)
-        if len(self.inputs) < 1 or len(self.inputs) != len(self.in_grids):
-            raise ValueError(f"layer {self.name!r}: a concat needs one grid per input, got inputs {self.inputs} "
-                             f"and {len(self.in_grids)} grids")
-        for g in self.in_grids:
-            _check_grid(self.name, "in_grids entry", g)
-        _check_grid(self.name, "out_grid", self.out_grid)
-        self.activation = _check_activation(self.name, self.activation)
 
 
 LAYER_TYPES = (InputLayer, WeightLayer, PoolLayer, FlattenLayer, AddLayer, ConcatLayer)
@@ -298,7 +293,7 @@ LAYER_TYPES = (InputLayer, WeightLayer, PoolLayer, FlattenLayer, AddLayer, Conca
 
 def _in_grids(layer) -> tuple:
     """The grids a layer expects its inputs on."""
-    if isinstance(layer, (AddLayer, ConcatLayer)):
+    if isinstance(layer, _JoinLayer):
         return layer.in_grids
     if isinstance(layer, (WeightLayer, PoolLayer)):
         return (layer.in_grid,)
