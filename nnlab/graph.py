@@ -58,6 +58,10 @@ SUPPORTED = ("Conv2d (any stride, padding, dilation and groups, zero padding), L
              "the sum of two tensors (+, torch.add), torch.cat along channels, and nnlab's ActQuantizer")
 
 
+#: Key of ``GraphModule.meta`` that keeps the traced model's class name.
+MODEL_CLASS = "nnlab_model_class"
+
+
 class GraphError(ValueError):
     """A model nnlab cannot turn into its graph view: untraceable, or a node it does not support."""
 
@@ -106,8 +110,9 @@ def trace(model: nn.Module) -> fx.GraphModule:
             DistributedDataParallel wrapper: the model inside it).
 
     Returns:
-        A GraphModule over ``model`` with the class name of ``model``; its
-        layers are the model's own module objects.
+        A GraphModule over ``model`` with the class name of ``model`` (also
+        in ``gm.meta["nnlab_model_class"]``, which survives ``copy.deepcopy``);
+        its layers are the model's own module objects.
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
@@ -130,7 +135,12 @@ def trace(model: nn.Module) -> fx.GraphModule:
             f"cannot trace {type(model).__name__} with torch.fx: {where}: {type(exc).__name__}: {first}. "
             f"nnlab reads a model's structure from its traced graph, so forward must run the same operations for "
             f"every input (no if/for/while on tensor values, no .item() or .tolist())") from exc
-    return fx.GraphModule(model, graph, class_name=type(model).__name__)
+    name = type(model).__name__
+    if isinstance(model, fx.GraphModule):  # a copy of a GraphModule is called "GraphModule": keep the model's name
+        name = model.meta.get(MODEL_CLASS, name)
+    gm = fx.GraphModule(model, graph, class_name=name)
+    gm.meta[MODEL_CLASS] = name
+    return gm
 
 
 # ----------------------------------------------------------------------------- classification

@@ -5,6 +5,7 @@ and run by the simulator over the 1,000 test images: its top-1 answers must agre
 PyTorch model's.  The engine's add, concat and average pools are checked against PyTorch's quantized kernels.
 """
 
+import copy
 import warnings
 from collections import OrderedDict
 
@@ -168,6 +169,16 @@ def test_depthwise_and_avgpool_programs(trained, data):
     assert table.iloc[-1]["macs_dense"] == macs  # the report counts the MACs the graph has
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_compiles_where_the_model_is(trained, data, device):
+    """A quantised model on a GPU compiles to the same program (the compiler traces and measures it there)."""
+    qmodel = quant.quantise_model(trained["own_forward"], data, 5, 8)
+    program = nna.compile_model(qmodel)
+    moved = copy.deepcopy(qmodel).to(device)
+    assert nna.compile_model(moved) == program
+    assert nnlab.models.summary(moved, data.input_shape).iloc[-1]["macs"] == nna.report(program).iloc[-1]["macs_dense"]
+
+
 @pytest.mark.parametrize("name", ["residual", "concat"])
 def test_graph_programs_save_and_load(trained, data, name, tmp_path):
     program = nna.compile_model(quant.quantise_model(trained[name], data, 5, 8), name=name)
@@ -289,3 +300,17 @@ def test_grouped_dilated_strided_convolution_sums_are_exact():
         ref = F.conv2d(torch.tensor(q - 5, dtype=torch.float64), torch.tensor(w, dtype=torch.float64),
                        stride=stride, padding=padding, dilation=dilation, groups=groups).numpy()
         np.testing.assert_array_equal(acc, ref)
+
+
+def test_last_convolution_feeds_the_output_through_a_flatten(data):
+    """A fully convolutional classifier: the last layer's int32 sums reach the output through a reshape."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(4), nn.Conv2d(8, 2, 3), nn.Flatten())
+    qmodel = quant.quantise_model(net.eval(), data, 8, 8)
+    program = nna.compile_model(qmodel)
+    assert [layer.op for layer in program.layers] == ["quantise", "conv2d", "maxpool2d", "conv2d", "flatten"]
+    assert program.output.out_grid is None and nna.describe(program)["out_bits"].tolist()[-1] == 32
+    x = next(iter(data.test))[0][:64]
+    with torch.no_grad():
+        expect = qmodel(x).numpy()  # (64, 2 * 5 * 5): channel-major features, each channel on its own scale
+    np.testing.assert_allclose(nna.run(program, x).logits, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())

@@ -160,8 +160,10 @@ def conv2d(q: np.ndarray, layer: WeightLayer) -> np.ndarray:
     kh, kw = layer.weight.shape[2:]
     cols = im2col(x, kh, kw, layer.stride, layer.dilation)
     g, out = layer.groups, layer.out_channels
-    weights = layer.weight.reshape(g, out // g, -1).astype(dtype)
-    acc = np.matmul(weights, cols.reshape(g, -1, cols.shape[1]))  # (groups, out / groups, N*Ho*Wo)
+    if g == 1:
+        acc = layer.weight.reshape(out, -1).astype(dtype) @ cols
+    else:  # one product per group: (groups, out / groups, C / groups * kh * kw) @ (groups, ..., N*Ho*Wo)
+        acc = np.matmul(layer.weight.reshape(g, out // g, -1).astype(dtype), cols.reshape(g, -1, cols.shape[1]))
     (dh, dw), (sh, sw) = layer.dilation, layer.stride
     ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
     return acc.astype(np.int64).reshape(out, n, ho, wo)
@@ -197,7 +199,8 @@ def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int):
     """
     f = layer.bias_frac_bits
     lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
-    total = (acc << f) + _per_channel(layer.bias.astype(np.int64), acc)
+    total = np.left_shift(acc, f) if f else acc.copy()
+    total += _per_channel(layer.bias.astype(np.int64), acc)
     if total.size == 0 or lo << f <= total.min() and total.max() <= hi << f:  # the usual case, checked cheaply
         return total, 0
     saturated = int(np.count_nonzero((total < lo << f) | (total > hi << f)))

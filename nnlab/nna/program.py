@@ -434,7 +434,7 @@ def describe(program: Program):
                "activation": _activation_text(getattr(layer, "activation", None)),
                "out_bits": out.bits if out is not None else 32, "out_scale": float(out.scale) if out else np.nan}
         ins = _in_grids(layer)
-        if ins:
+        if ins and ins[0] is not None:
             row.update(in_bits=ins[0].bits, in_scale=float(ins[0].scale))
         if isinstance(layer, WeightLayer):
             mult = (float(layer.in_grid.scale) * layer.weight_grid.scale.astype(np.float64) / float(out.scale)).mean() \

@@ -2,7 +2,9 @@
 
 :func:`quantise_model` is post-training quantisation in one call
 (:func:`attach_quantisers` then :func:`calibrate`).  The result is an
-ordinary ``nn.Module``: evaluate it, retrain it (:mod:`nnlab.quant.retraining`)
+ordinary ``nn.Module`` (a ``torch.fx.GraphModule`` when activations are
+quantised: the model's traced data flow with the quantisers inserted, see
+:mod:`nnlab.quant`): evaluate it, retrain it (:mod:`nnlab.quant.retraining`)
 or hand it to the NNA simulator.
 """
 
@@ -409,7 +411,12 @@ def quantise_model(
             :func:`attach_quantisers`.
 
     Returns:
-        The quantised model, an ordinary ``nn.Module`` in eval mode.
+        The quantised model, an ordinary ``nn.Module`` in eval mode (a
+        ``torch.fx.GraphModule`` when activations are quantised; see
+        :func:`attach_quantisers`).
+
+    Raises:
+        TypeError, ValueError, nnlab.graph.GraphError: as :func:`attach_quantisers`.
 
     Example:
         >>> q = quantise_model(net, data, weight_bits=4, act_bits=8, overrides={"conv1": 8})
@@ -476,7 +483,7 @@ def distinct_values(model: nn.Module) -> pd.DataFrame:
 
 
 def describe(model: nn.Module) -> pd.DataFrame:
-    """One row per quantiser in module order: what it quantises and on which grid.
+    """One row per quantiser in data-flow order: what it quantises and on which grid.
 
     Args:
         model: a quantised model.
