@@ -190,7 +190,8 @@ class _Compiler:
         if not isinstance(m, ActQuantizer):
             return None, None
         if m.calibrating:
-            raise ValueError(f"activation quantiser {users[0].target!r} is still calibrating; run nnlab.quant.calibrate")
+            raise ValueError(f"activation quantiser {users[0].target!r} is still calibrating; "
+                             f"run nnlab.quant.calibrate")
         if m.spec.per_channel:
             raise ValueError(f"activation quantiser {users[0].target!r} is per channel; the NNA needs per-tensor grids")
         self.absorbed.add(users[0])
