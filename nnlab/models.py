@@ -168,40 +168,53 @@ def build_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     return cls(num_classes=num_classes, **{**defaults, **kwargs})
 
 
-def _layer_macs(module: nn.Module, out: torch.Tensor) -> int:
+def _layer_macs(module, shape) -> int:
+    """Multiply-accumulates of a Conv2d or Linear module for one image, given its output shape (batch first)."""
+    per_image = int(torch.Size(shape[1:]).numel())
     if isinstance(module, nn.Conv2d):
-        per_output = (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
-        return out[0].numel() * per_output
+        return per_image * (module.in_channels // module.groups) * module.kernel_size[0] * module.kernel_size[1]
     if isinstance(module, nn.Linear):
-        return out[0].numel() * module.in_features
+        return per_image * module.in_features
     return 0
 
 
-#: Layer types that change values in place and need no new activation buffer.
-IN_PLACE = ("ReLU", "ReLU6", "Identity", "Dropout", "Flatten", "BatchNorm1d", "BatchNorm2d")
+#: Operations that change values in place and need no new activation buffer.
+IN_PLACE = ("ReLU", "ReLU6", "Hardtanh", "Identity", "Dropout", "Flatten", "BatchNorm1d", "BatchNorm2d",
+            "ActQuantizer", "relu", "relu6", "hardtanh", "dropout", "flatten", "view", "reshape", "contiguous")
 
 
 def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFrame:
-    """Per-layer table of output shape, parameters, MACs and activation size.
+    """Per-layer table of output shape, parameters, MACs and activation size, read from the model's graph.
 
-    One row per leaf module in execution order, plus a ``total`` row.  MACs
-    count the multiply-accumulates of one image through Conv2d and Linear
-    layers (dense: zeros are counted; the NNA report counts skipped zeros).
-    ``activations`` is the number of values the layer outputs for one image;
-    the total row sums the layers that write a new tensor (element-wise
-    layers such as ReLU, batch norm or Flatten run in place on an
-    accelerator and are not counted again), and ``table.attrs["max_activations"]`` the
-    largest one, the buffer a layer-by-layer accelerator must hold.
+    The model is traced (:func:`nnlab.graph.trace`) and run once on zeros:
+    one row per operation in execution order (each module call, and each
+    function such as a residual ``+``, ``torch.cat`` or ``torch.flatten``),
+    plus a ``total`` row.  MACs count the multiply-accumulates of one image
+    through Conv2d and Linear layers (dense: zeros are counted; the NNA
+    report counts skipped zeros).  ``activations`` is the number of values
+    the operation outputs for one image; the total row sums the operations
+    that write a new tensor (element-wise ones such as ReLU, batch norm or a
+    flatten run in place on an accelerator and are not counted again), and
+    ``table.attrs["max_activations"]`` the largest one, the buffer a
+    layer-by-layer accelerator must hold.
 
     Args:
-        model: any ``nn.Module``.
+        model: any ``nn.Module`` that ``torch.fx`` can trace.
         input_shape: ``(C, H, W)`` of one input image (no batch dimension).
         device: where to run the probe (default: where the model is).
 
     Returns:
-        A pandas DataFrame with columns ``layer``, ``type``, ``output_shape``,
-        ``params``, ``macs``, ``activations``.
+        A pandas DataFrame with columns ``layer`` (module name, or the node's
+        name for a function), ``type`` (module class or function name),
+        ``output_shape``, ``params``, ``macs``, ``activations``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        ValueError: a bad ``input_shape``.
+        nnlab.graph.GraphError: the model cannot be traced, or fails on this input shape.
     """
+    from . import graph
+
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     shape = tuple(input_shape)
@@ -210,30 +223,22 @@ def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFr
     if device is None:
         p = next(model.parameters(), None)
         device = p.device if p is not None else torch.device("cpu")
-    rows, hooks = [], []
-
-    def hook(name):
-        def fn(module, inputs, out):
-            params = sum(p.numel() for p in module.parameters(recurse=False))
-            rows.append({
-                "layer": name, "type": type(module).__name__,
-                "output_shape": tuple(out.shape[1:]), "params": params,
-                "macs": _layer_macs(module, out), "activations": out[0].numel(),
-            })
-        return fn
-
-    for name, module in model.named_modules():
-        if len(list(module.children())) == 0:
-            hooks.append(module.register_forward_hook(hook(name)))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(torch.zeros((1, *shape), device=device))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    gm = graph.trace(model)
+    shapes = graph.node_shapes(gm, shape, device=device, batch=1)
+    rows, counted = [], set()
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or node not in shapes:
+            continue  # the input, the output, and shape queries (not tensors)
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is not None:
+            kind = type(module).__name__
+            params = 0 if node.target in counted else sum(p.numel() for p in module.parameters(recurse=True))
+            counted.add(node.target)
+        else:
+            kind, params = str(getattr(node.target, "__name__", node.target)), 0
+        out = shapes[node]
+        rows.append({"layer": graph.node_label(node), "type": kind, "output_shape": tuple(out[1:]), "params": params,
+                     "macs": _layer_macs(module, out), "activations": int(torch.Size(out[1:]).numel())})
     table = pd.DataFrame(rows, columns=["layer", "type", "output_shape", "params", "macs", "activations"])
     total_params = sum(p.numel() for p in model.parameters())
     stored = ~table["type"].isin(IN_PLACE)

@@ -12,16 +12,19 @@ once here:
   non-zero weights count.
 * **DRAM traffic**: every layer's stored weights and parameters are read once
   per inference (the on-chip buffer holds activations, not the model); the
-  input image is read and the output written once; when a layer's input and
-  output activations do not fit in the buffer together, the output spills:
-  it is written to DRAM and read back (twice its size).
-* **SRAM traffic**: each weight, parameter, input and output activation
-  crosses the buffer's port once per layer (ideal reuse in the MAC array).
+  input image is read and the output written once; when a layer's inputs
+  (the outputs of the layers it reads: two for an add, several for a concat)
+  and its output do not fit in the buffer together, the output spills: it is
+  written to DRAM and read back (twice its size).  A tensor a skip connection
+  reads later is assumed to wait in the buffer.
+* **SRAM traffic**: each weight, parameter and output activation crosses the
+  buffer's port once per layer, and so does each input activation of a
+  Conv2d/Linear layer (ideal reuse in the MAC array); a flatten is free.
 * **Energy** (pJ, :class:`~nnlab.nna.config.EnergyTable`): MACs x (multiply
   at the operands' bit-depths + add at the accumulator width), or fp32
   multiply + add; SRAM per 64 bits at the buffer's size; DRAM per 64 bits.
-  Pooling and requantisation are neglected (a few operations per output,
-  against tens to hundreds of MACs).
+  Pooling, adds, concats and requantisation are neglected (a few operations
+  per output, against tens to hundreds of MACs).
 * **Time** (roofline): ``compute cycles = MACs / macs_per_cycle(bits)``,
   ``memory cycles = DRAM bytes / bytes per cycle``; a layer takes the larger
   (compute and transfers overlap) and is "compute"- or "memory"-bound.
@@ -77,26 +80,24 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
     fp32 = config.arithmetic == "fp32"
     e = config.energy
     shapes = output_shapes(program)
-    rows, prev_shape, prev_bits = [], None, None
-    last = program.layers[-1]
+    bits = {}  # layer name -> bits per output value
+    rows = []
+    last = program.output
     for layer in program.layers:
         out_shape = shapes[layer.name]
-        out_bits = 32 if fp32 else getattr(layer, "out_bits", getattr(layer, "bits", prev_bits))
-        if isinstance(layer, WeightLayer) and layer.out_scale is None:
-            out_bits = 32  # int32 sums (or fp32 logits)
+        out_bits = 32 if fp32 or layer.out_grid is None else layer.out_grid.bits  # int32 sums (or fp32 logits)
+        in_values = [(_prod(shapes[name]), bits[name]) for name in layer.inputs]
         row = {"layer": layer.name, "op": layer.op, "w_bits": np.nan, "a_bits": np.nan, "density": np.nan,
                "format": "", "payload_B": 0.0, "index_B": 0.0, "params_B": 0.0, "padding_B": 0.0,
                "macs_dense": 0, "macs": 0, "energy_mac_nJ": 0.0}
         dram_bytes = sram_bits = 0.0
         if isinstance(layer, InputLayer):
-            in_bits = 32 if fp32 else layer.bits
-            dram_bytes += _prod(out_shape) * in_bits / 8  # the image, read once
-            row["a_bits"] = in_bits
-            out_bits = in_bits
+            dram_bytes += _prod(out_shape) * out_bits / 8  # the image, read once
+            row["a_bits"] = out_bits
         elif isinstance(layer, WeightLayer):
             positions = _prod(out_shape[1:]) if layer.op == "conv2d" else 1
             nnz = int(np.count_nonzero(layer.weight))
-            a_bits = 32 if fp32 else layer.in_bits
+            a_bits = 32 if fp32 else layer.in_grid.bits
             row.update(a_bits=a_bits, density=nnz / layer.weight.size, macs_dense=positions * layer.weight.size)
             row["macs"] = positions * nnz if config.skip_zeros else row["macs_dense"]
             if fp32:
@@ -114,12 +115,12 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
                 per_cycle = config.macs_per_cycle(layer.weight_bits, a_bits)
             weights_bytes = row["payload_B"] + row["index_B"] + row["padding_B"] + row["params_B"]
             dram_bytes += weights_bytes
-            in_act = _prod(prev_shape) * a_bits
+            in_act = sum(count for count, _ in in_values) * a_bits
             sram_bits += 8 * weights_bytes + in_act
             row["energy_mac_nJ"] = row["macs"] * mac_pj / 1000
             row["cycles_compute"] = row["macs"] / per_cycle
         if not isinstance(layer, InputLayer):
-            in_bits_total = _prod(prev_shape) * (32 if fp32 else (prev_bits or 8))
+            in_bits_total = sum(count * b for count, b in in_values)
             out_bits_total = _prod(out_shape) * out_bits
             if isinstance(layer, FlattenLayer):
                 out_bits_total = 0  # a reshape, in place
@@ -141,7 +142,7 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
             "compute" if row["cycles_compute"] >= row["cycles_memory"] else "memory")
         row["latency_us"] = row["cycles"] / config.clock_hz * 1e6
         rows.append(row)
-        prev_shape, prev_bits = out_shape, out_bits
+        bits[layer.name] = out_bits
     return pd.DataFrame(rows)
 
 

@@ -13,19 +13,23 @@ Per weight layer the memory holds:
 (:func:`storage_bytes`) plus a small header; :func:`load` returns an
 identical :class:`~nnlab.nna.program.Program`.
 
-File layout (little-endian)::
+File layout (little-endian), format version 2 (magic ``b"NNA2"``)::
 
-    4 bytes   magic b"NNA1"
+    4 bytes   magic b"NNA2"
     4 bytes   uint32: length L of the JSON header
-    L bytes   JSON header: program name and source, the packing, and for every
-              layer its kind and scalar fields (scales, zero points, ranges,
-              shapes, format, stream sizes)
+    L bytes   JSON header: program name and source, the packing, the table
+              of activation grids (spec, scale, zero point), and for every
+              layer its kind, the layers it reads, its grids (indices into
+              the table; for weights the spec) and other fields (shapes,
+              clamps, format, stream sizes)
     then, for each weight layer in order: its weight streams (mask or index,
               then values), then int32 bias, float32 weight scales and, when
               present, float32 PyTorch bias.
 
 So ``file size = header_bytes + storage_bytes``, with
-``header_bytes = 8 + L`` (:func:`read_header` returns it).
+``header_bytes = 8 + L`` (:func:`read_header` returns it).  Files of format
+version 1 (magic ``b"NNA1"``: a list of layers with loose scale fields) are
+refused with a message saying to compile and save the model again.
 """
 
 from __future__ import annotations
@@ -40,13 +44,19 @@ import numpy as np
 
 from .config import SERIES2NX, NNAConfig
 from .packing import EncodedWeights, decode_weights, encode_weights
-from .program import AddLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+from ..quant.grid import Grid
+from ..quant.spec import QuantSpec
+from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
 
-__all__ = ["MAGIC", "encode_layer", "parameter_bytes", "storage_bytes", "save", "load", "read_header"]
+__all__ = ["MAGIC", "FORMAT_VERSION", "encode_layer", "parameter_bytes", "storage_bytes", "save", "load",
+           "read_header"]
 
-MAGIC = b"NNA1"
-_KINDS = {"input": InputLayer, "weight": WeightLayer, "pool": PoolLayer, "flatten": FlattenLayer, "add": AddLayer}
-_ARRAYS = ("weight", "weight_scale", "bias", "bias_float")
+#: Version of the file format, in the magic number.
+FORMAT_VERSION = 2
+MAGIC = b"NNA" + str(FORMAT_VERSION).encode()
+_KINDS = {"input": InputLayer, "weight": WeightLayer, "pool": PoolLayer, "flatten": FlattenLayer, "add": AddLayer,
+          "concat": ConcatLayer}
+_BODY = ("weight", "weight_grid", "bias", "bias_float")  # in the file's body, not in the JSON header
 
 
 def encode_layer(layer: WeightLayer, config: NNAConfig = SERIES2NX) -> EncodedWeights:
@@ -60,9 +70,9 @@ def encode_layer(layer: WeightLayer, config: NNAConfig = SERIES2NX) -> EncodedWe
     Returns:
         An :class:`~nnlab.nna.packing.EncodedWeights`.
     """
-    config.check_bits(layer.weight_bits, f"layer {layer.name!r} (weights)")
-    config.check_bits(layer.in_bits, f"layer {layer.name!r} (input activations)")
-    return encode_weights(layer.weight, layer.weight_bits, config.sparse_formats, config.packing)
+    config.check_bits(layer.weight_grid.bits, f"layer {layer.name!r} (weights)")
+    config.check_bits(layer.in_grid.bits, f"layer {layer.name!r} (input activations)")
+    return encode_weights(layer.weight, layer.weight_grid, config.sparse_formats, config.packing)
 
 
 def parameter_bytes(layer: WeightLayer) -> int:
@@ -76,28 +86,47 @@ def storage_bytes(program: Program, config: NNAConfig = SERIES2NX) -> int:
     return sum(encode_layer(l, config).nbytes + parameter_bytes(l) for l in program.weight_layers)
 
 
-def _scalar(v):
-    if isinstance(v, tuple):
-        return list(v)
-    if isinstance(v, (np.integer,)):
+def _to_json(v, grids):
+    """A layer field as JSON; a Grid becomes its index in the header's table of grids."""
+    if isinstance(v, Grid):
+        for i, g in enumerate(grids):
+            if g == v:
+                return i
+        grids.append(v)
+        return len(grids) - 1
+    if isinstance(v, (tuple, list)):
+        return [_to_json(x, grids) for x in v]
+    if isinstance(v, np.integer):
         return int(v)
-    if isinstance(v, (np.floating,)):
+    if isinstance(v, np.floating):
         return float(v)
     return v
 
 
-def _layer_header(layer, encoded):
-    kind = next(k for k, cls in _KINDS.items() if isinstance(layer, cls))
+def _layer_header(layer, encoded, grids):
+    kind = next(k for k, cls in _KINDS.items() if type(layer) is cls)
     entry = {"kind": kind}
     for f in dataclasses.fields(layer):
-        if f.name not in _ARRAYS:
-            entry[f.name] = _scalar(getattr(layer, f.name))
+        if f.name not in _BODY:
+            entry[f.name] = _to_json(getattr(layer, f.name), grids)
     if kind == "weight":
+        entry["weight_spec"] = layer.weight_grid.spec.to_dict()
         entry["weight_shape"] = list(layer.weight.shape)
         entry["has_bias_float"] = layer.bias_float is not None
         entry["encoding"] = {"format": encoded.format, "entries": encoded.entries, "index_bits": encoded.index_bits,
                              "streams": [[name, int(s.size)] for name, s in encoded.streams.items()]}
     return entry
+
+
+def _from_json(name, value, grids):
+    """A header field back to the layer's value: grids (by index), tuples of grids, tuples."""
+    if name in ("grid", "in_grid", "out_grid"):
+        return None if value is None else grids[value]
+    if name == "in_grids":
+        return tuple(grids[i] for i in value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
 
 
 def save(program: Program, path, config: NNAConfig = SERIES2NX) -> dict:
@@ -116,17 +145,17 @@ def save(program: Program, path, config: NNAConfig = SERIES2NX) -> dict:
         raise TypeError(f"program must be a nnlab.nna Program, got {type(program).__name__}")
     if config.arithmetic != "int":
         raise ValueError(f"config {config.name!r} computes in fp32; save a program with an integer config")
-    body, headers = [], []
+    body, headers, grids = [], [], []
     for layer in program.layers:
         encoded = encode_layer(layer, config) if isinstance(layer, WeightLayer) else None
-        headers.append(_layer_header(layer, encoded))
+        headers.append(_layer_header(layer, encoded, grids))
         if encoded is not None:
             body += [s.tobytes() for s in encoded.streams.values()]
-            body += [layer.bias.astype("<i4").tobytes(), layer.weight_scale.astype("<f4").tobytes()]
+            body += [layer.bias.astype("<i4").tobytes(), layer.weight_grid.scale.astype("<f4").tobytes()]
             if layer.bias_float is not None:
                 body.append(layer.bias_float.astype("<f4").tobytes())
     header = json.dumps({"name": program.name, "source": program.source, "packing": config.packing,
-                         "layers": headers}, separators=(",", ":")).encode()
+                         "grids": [g.to_dict() for g in grids], "layers": headers}, separators=(",", ":")).encode()
     blob = MAGIC + len(header).to_bytes(4, "little") + header + b"".join(body)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -156,6 +185,9 @@ def read_header(path) -> tuple:
 
 
 def _parse_header(data, path):
+    if len(data) >= 8 and data[:3] == MAGIC[:3] and data[:4] != MAGIC:
+        raise ValueError(f"{path} is a saved NNA program of format {data[3:4].decode(errors='replace')}, which this "
+                         f"nnlab does not read (it reads format {FORMAT_VERSION}); compile and save the model again")
     if len(data) < 8 or data[:4] != MAGIC:
         raise ValueError(f"{path} is not a saved NNA program (it does not start with {MAGIC!r})")
     n = int.from_bytes(data[4:8], "little")
@@ -188,6 +220,7 @@ def load(path) -> Program:
         offset += n
         return chunk
 
+    grids = [Grid.from_dict(g) for g in header["grids"]]
     layers = []
     for entry in header["layers"]:
         entry = dict(entry)
@@ -196,16 +229,18 @@ def load(path) -> Program:
         if cls is WeightLayer:
             enc_info, shape = entry.pop("encoding"), tuple(entry.pop("weight_shape"))
             has_bias_float = entry.pop("has_bias_float")
+            spec = QuantSpec.from_dict(entry.pop("weight_spec"))
             streams = {name: take(size) for name, size in enc_info["streams"]}
             n_weights = int(np.prod(shape))
-            enc = EncodedWeights(enc_info["format"], entry["weight_bits"], enc_info["index_bits"], n_weights,
+            enc = EncodedWeights(enc_info["format"], spec.bits, enc_info["index_bits"], n_weights,
                                  enc_info["entries"], streams, 0, 0, 0)
             out = shape[0]
             entry["weight"] = decode_weights(enc, shape, header["packing"])
             entry["bias"] = take(4 * out).view("<i4").astype(np.int32)
-            entry["weight_scale"] = take(4 * out).view("<f4").astype(np.float32)
+            scale = take(4 * out).view("<f4").astype(np.float32)
+            entry["weight_grid"] = Grid(spec, scale, np.zeros(out, np.int64))
             entry["bias_float"] = take(4 * out).view("<f4").astype(np.float32) if has_bias_float else None
-        kwargs = {k: (tuple(v) if isinstance(v, list) else v) for k, v in entry.items() if k in fields}
+        kwargs = {k: (v if k in _BODY else _from_json(k, v, grids)) for k, v in entry.items() if k in fields}
         layers.append(cls(**kwargs))
     if offset != len(data):
         raise ValueError(f"{path} has {len(data) - offset} unexpected trailing bytes")

@@ -17,6 +17,7 @@ from torch import nn
 
 from .._args import check_choice, check_float
 from ..distributed import all_reduce_min_max, all_reduce_sum, is_distributed
+from .grid import Grid
 from .spec import QuantSpec
 from .tensor import MIN_SCALE, SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
 
@@ -150,6 +151,10 @@ class WeightQuantizer(nn.Module):
         """The int32 grid integers of ``w`` (what the accelerator stores)."""
         return quantise(w, self.spec, self.scale, self.zero_point)
 
+    def grid(self) -> Grid:
+        """The grid the weight is rounded onto now, as a frozen :class:`~nnlab.quant.Grid`."""
+        return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
+
     def extra_repr(self) -> str:
         return f"spec={self.spec}, method={self.method!r}"
 
@@ -247,6 +252,16 @@ class ActQuantizer(nn.Module):
         total.clamp_(min=1)
         self.lo.copy_(lo_sum / total)
         self.hi.copy_(hi_sum / total)
+
+    def grid(self) -> Grid:
+        """The grid activations are rounded onto, as a frozen :class:`~nnlab.quant.Grid`.
+
+        Raises:
+            ValueError: the quantiser is still calibrating (no grid yet).
+        """
+        if self.calibrating:
+            raise ValueError("this activation quantiser is still calibrating; run nnlab.quant.calibrate first")
+        return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
 
     def forward(self, x):
         if self.calibrating:

@@ -193,6 +193,10 @@ def retrain(
     return history
 
 
+#: Version of the quantised models' structure (placement and names of quantisers) in cached files.
+STRUCTURE_VERSION = 2
+
+
 def pretrained_quantised(
     model: str = "lenet5",
     weight_bits: int = 4,
@@ -256,9 +260,10 @@ def pretrained_quantised(
                                          device=where, verbose=verbose)
 
     options = {"granularity": granularity, "overrides": overrides}
+    # "structure": how quantisers are placed and named (2: on the traced graph, a GraphModule's state dict).
     spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
             "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
-            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick}
+            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
 
     def build():
         if verbose:
