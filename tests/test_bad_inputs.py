@@ -951,7 +951,7 @@ def test_a_failed_save_keeps_the_old_file_whole(tmp_path, monkeypatch):
 def test_save_refuses_a_program_with_non_finite_numbers(tmp_path, value):
     bias = np.zeros(4, np.float32)
     bias[2] = value
-    with pytest.raises(ValueError, match="layer 'conv': its float bias hold 1 NaN or infinite value"):
+    with pytest.raises(ValueError, match=_literal("layer 'conv': its float bias: 1 NaN or infinite value(s)")):
         nna.save(_small_program(bias_float=bias), tmp_path / "p.nna")
     assert not (tmp_path / "p.nna").exists()
 

@@ -204,8 +204,8 @@ def _check_finite(program: Program) -> None:
             values = np.asarray(values)
             if values.dtype.kind == "f" and not np.isfinite(values).all():
                 bad = int(values.size - np.count_nonzero(np.isfinite(values)))
-                raise ValueError(f"layer {layer.name!r}: its {what} hold {bad} NaN or infinite value(s); a program "
-                                 f"must hold finite numbers (check the model the program was compiled from)")
+                raise ValueError(f"layer {layer.name!r}: its {what}: {bad} NaN or infinite value(s); a program must "
+                                 f"hold finite numbers (check the model the program was compiled from)")
             if values.dtype.kind not in "iuf":
                 raise ValueError(f"layer {layer.name!r}: its {what} must be numbers, got dtype {values.dtype}")
 
