@@ -28,7 +28,7 @@ from torch import nn
 from . import config
 from ._args import check_choice
 from .data import load_data, make_loader
-from .models import MODELS, build_model
+from .models import MODELS, build_model, data_kwargs
 from .train import evaluate, fit, resolve_device
 
 __all__ = ["RECIPES", "pretrained", "cached", "cache_key", "atomic_save"]
@@ -41,6 +41,13 @@ RECIPES = {
     "lenet5": {"epochs": (12, 2), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-mnist": {"epochs": (8, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-cifar": {"epochs": (30, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "mobilenet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "mobilenet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "resnet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "resnet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "torchvision:resnet18": {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "torchvision:mobilenet_v2": {"epochs": (5, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
+                                 "augment": True},
 }
 
 
@@ -145,12 +152,7 @@ def pretrained(
     epochs = recipe["epochs"][1 if quick else 0]
     if data is None:
         data = load_data(dataset, source, verbose=verbose)
-    in_channels, size = data.input_shape[0], data.input_shape[1]
-    kwargs = {}
-    if model.startswith("vgg"):
-        kwargs = {"in_channels": in_channels, "input_size": size}
-    elif model == "lenet5":
-        kwargs = {"in_channels": in_channels}
+    kwargs = data_kwargs(model, data.input_shape)
     spec = {"model": model, "model_kwargs": kwargs, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}
 
@@ -176,7 +178,7 @@ def pretrained(
         fresh().load_state_dict(payload["state_dict"])
         float(payload["metrics"]["top1"])
 
-    name = f"{model}-{data.name}-{data.source}"
+    name = f"{model.replace(':', '-')}-{data.name}-{data.source}"  # no ':' in file names (Windows)
     payload = cached(name, spec, build, validate=validate, verbose=verbose)
     net = fresh()
     net.load_state_dict(payload["state_dict"])
