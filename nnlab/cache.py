@@ -46,7 +46,7 @@ RECIPES = {
     "resnet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "resnet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
     "torchvision:resnet18": {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "torchvision:mobilenet_v2": {"epochs": (5, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
+    "torchvision:mobilenet_v2": {"epochs": (3, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
                                  "augment": True},
 }
 
@@ -152,6 +152,8 @@ def pretrained(
     epochs = recipe["epochs"][1 if quick else 0]
     if data is None:
         data = load_data(dataset, source, verbose=verbose)
+    # Every constructor argument enters the cache key, the registered ones (a stem's stride, a width ...) as well
+    # as those that fit the images, so that a changed architecture never loads weights trained for another.
     kwargs = data_kwargs(model, data.input_shape)
     spec = {"model": model, "model_kwargs": kwargs, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}

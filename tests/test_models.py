@@ -239,6 +239,9 @@ def test_torchvision_models_are_adapted_as_users_do_it(no_network):
     m = torchvision_model("mobilenet_v2", num_classes=5, in_channels=1)
     assert (m.features[0][0].in_channels, m.features[0][0].stride) == (1, (2, 2)) and m.classifier[1].out_features == 5
     assert torchvision_model("mobilenet_v2", in_channels=1, small_input=True).features[0][0].stride == (1, 1)
+    # The registered names: resnet18 keeps torchvision's stem, mobilenet_v2 gets the stride-1 stem.
+    assert build_model("torchvision:resnet18", in_channels=1).conv1.stride == (2, 2)
+    assert build_model("torchvision:mobilenet_v2", in_channels=1).features[0][0].stride == (1, 1)
     # With 3 channels and the standard stem, it is torchvision's model untouched.
     import torchvision
     torch.manual_seed(3)
@@ -307,3 +310,15 @@ def test_torchvision_names_make_portable_cache_files(tmp_path, monkeypatch):
     (path,) = (tmp_path / "models").glob("*.pt")
     assert path.name.startswith("torchvision-mobilenet_v2-mnist-offline-") and ":" not in path.name
     assert net.features[0][0].in_channels == 1
+
+
+def test_cache_key_covers_the_registered_architecture(tmp_path, monkeypatch):
+    # A stem's stride changes no weight shape: only the key can tell the two networks apart.
+    monkeypatch.setenv("NNLAB_CACHE", str(tmp_path))
+    data = nnlab_data(train_limit=64, test_limit=64)
+    a = cache.pretrained("mobilenet-mnist", data=data, quick=True, verbose=False)
+    cls, defaults = MODELS["mobilenet-mnist"]
+    monkeypatch.setitem(MODELS, "mobilenet-mnist", (cls, {**defaults, "stem_stride": 1}))
+    b = cache.pretrained("mobilenet-mnist", data=data, quick=True, verbose=False)
+    assert len(list((tmp_path / "models").glob("mobilenet-mnist-*.pt"))) == 2
+    assert a.stem.conv.stride == (2, 2) and b.stem.conv.stride == (1, 1)
