@@ -24,7 +24,7 @@ __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pic
 config.apply_threads_when_torch_loads()
 
 _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
-               "nna", "checks", "pipeline", "cli", "distributed", "graph"}
+               "nna", "checks", "pipeline", "cli", "distributed", "graph", "export"}
 
 
 def __getattr__(name):

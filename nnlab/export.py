@@ -1,0 +1,550 @@
+"""Export the compressed network to ONNX, and run it in ONNX Runtime as a second, independent engine.
+
+:func:`to_onnx` writes the network a model quantised with :mod:`nnlab.quant`
+computes (or a :class:`~nnlab.nna.Program` compiled from one) as a standard
+ONNX model in the *quantize/dequantize* ("QDQ") form that PyTorch, ONNX
+Runtime's own quantiser and the hardware vendors' tools use:
+
+* the model is first compiled exactly as for the simulator
+  (:func:`nnlab.nna.compile_model`): batch norm folded into the weight
+  scales and the bias, fused clamps and max pools, residual adds and
+  concatenations; whatever the compiler refuses (a float model, an operation
+  the accelerator does not run) is refused here with the compiler's message,
+  which names the node;
+* every **weight** tensor is stored as integers (an initializer) followed by
+  ``DequantizeLinear`` with its scale: one scale per tensor when every output
+  channel has the same one, else one per output channel (``axis=0``).  The
+  integers are stored in the smallest ONNX integer type that holds the
+  grid: ``INT4`` for 2..4 bits (from opset 21), ``INT8`` for 5..8 bits (a 5-bit
+  grid uses -15..15 of the int8 range), ``INT16`` for 9..16 bits (opset 21);
+  ONNX has no 5..7-bit type.  The layers' bit-depths are recorded in the
+  file's metadata (``nnlab.weight_bits``).  Pruned weights are the integer 0,
+  so they stay exactly zero.
+* every **activation** the accelerator stores is a ``QuantizeLinear`` /
+  ``DequantizeLinear`` pair with the grid's scale and zero point, in
+  ``UINT8``/``INT8`` up to 8 bits and ``UINT16``/``INT16`` above.  A grid
+  narrower than its type (a 4- or 6-bit activation) and a fused ReLU/ReLU6
+  become a ``Clip`` (or ``Relu``) just before the ``QuantizeLinear``, at the
+  real values of the grid's end points: rounding is monotone, so clamping the
+  real value gives the integer the simulator clamps to.
+* **biases** stay float32 (``bias="float"``, the default), as the fake-quantised
+  model adds them, or become int32 on the accumulator's scale
+  ``in_scale * weight_scale`` behind a ``DequantizeLinear`` (``bias="int32"``,
+  the form integer runtimes expect; the simulator's bias keeps up to 16 more
+  fractional bits, so that file may round a few more outputs differently).
+* ``signed_activations=True`` stores an unsigned grid in the signed type of
+  the same width (integers and zero point shifted by ``2**(bits-1)``: the
+  same real values), the form ONNX Runtime's quantiser calls S8S8.
+* the output is the float logits of the last layer (the simulator's int32
+  sums times their scale), ``logits`` of shape ``(N, classes)``; the input is
+  ``input``, float images ``(N, C, H, W)`` normalised as the data loaders yield them.
+
+**ONNX Runtime against the simulator.**  :func:`run_onnx` runs the file with
+ONNX Runtime's *basic* graph optimisations by default: it executes the graph
+as written, ``DequantizeLinear``, a float32 convolution, ``QuantizeLinear``.
+Both engines compute the same grid values, but ONNX Runtime sums the
+products in float32 (in another order than the simulator's exact integer
+sums) and rounds ``y / scale`` where the simulator, as PyTorch, rounds
+``y * (1 / scale)``.  A value that lands within a float32 rounding error of a
+half-way point (``k + 0.5``) can round the other way: one step on the grid,
+on a handful of the millions of integers of a test set, and that difference
+travels on through the later layers.  :func:`compare` counts them.
+
+With ``optimization="all"`` ONNX Runtime fuses each DequantizeLinear -
+Conv - QuantizeLinear group into its integer kernel ``QLinearConv``.  On
+x86 CPUs without AVX512-VNNI (AVX2 only) that kernel multiplies 8-bit pairs
+with ``VPMADDUBSW``, which adds two products in a 16-bit integer and
+saturates when they exceed 32,767: with 8-bit weights (up to 127) and 8-bit
+activations (up to 255) it does, so the fused network computes something
+else (measured on LeNet-5 at 8/8: top-1 agrees with the simulator on 98% of
+the test images, and accuracy drops by about one point; with 7-bit weights,
+whose products cannot saturate, on 100%).  ONNX Runtime documents this and
+advises 7-bit weights ("reduce_range") on such CPUs; a CPU with VNNI, or
+another runtime, does not saturate.  This is why nnlab's reference run uses
+the basic level.
+
+:func:`run_onnx` runs an exported file in ONNX Runtime (CPU) and
+:func:`compare` sets it against the simulator, layer by layer.  Both need
+the optional extra ``pip install "nnlab[onnx]"`` (``onnx`` and ``onnxruntime``).
+
+Example:
+    >>> qmodel = nnlab.quant.quantise_model(net, data, weight_bits=4, act_bits=8)
+    >>> nnlab.export.to_onnx(qmodel, "lenet5.onnx")
+    >>> nnlab.export.run_onnx("lenet5.onnx", images).argmax(axis=1)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["to_onnx", "run_onnx", "compare", "node_table", "weight_storage", "DEFAULT_OPSET", "MIN_OPSET",
+           "BIASES", "OPTIMIZATIONS", "require_onnx"]
+
+#: The opset :func:`to_onnx` writes by default: the first with 4- and 16-bit integer types in (De)QuantizeLinear.
+DEFAULT_OPSET = 21
+#: The oldest opset :func:`to_onnx` writes (per-channel ``DequantizeLinear``); before 21 every grid must fit 8 bits.
+MIN_OPSET = 13
+#: How :func:`to_onnx` stores biases.
+BIASES = ("float", "int32")
+
+INSTALL_HINT = 'install the optional extra: pip install "nnlab[onnx]" (the onnx and onnxruntime packages)'
+
+
+def require_onnx(runtime: bool = False):
+    """Import ``onnx`` (and ``onnxruntime`` with ``runtime=True``), or raise ImportError saying how to install them.
+
+    Returns:
+        The ``onnx`` module, or ``(onnx, onnxruntime)`` with ``runtime=True``.
+    """
+    try:
+        import onnx
+    except ImportError as exc:
+        raise ImportError(f"ONNX export needs the onnx package, which is not installed; {INSTALL_HINT}") from exc
+    if not runtime:
+        return onnx
+    try:
+        import onnxruntime
+    except ImportError as exc:
+        raise ImportError(f"running an ONNX file needs the onnxruntime package, which is not installed; "
+                          f"{INSTALL_HINT}") from exc
+    return onnx, onnxruntime
+
+
+# ----------------------------------------------------------------------------- integer types
+def _container(bits: int, signed: bool, opset: int, weight: bool, what: str):
+    """The ONNX integer type holding a ``bits``-bit grid: (TensorProto type, numpy dtype, low, high)."""
+    from onnx import TensorProto
+
+    if weight and bits <= 4 and opset >= 21:
+        return (TensorProto.INT4, np.int8, -8, 7) if signed else (TensorProto.UINT4, np.uint8, 0, 15)
+    if bits <= 8:
+        return (TensorProto.INT8, np.int8, -128, 127) if signed else (TensorProto.UINT8, np.uint8, 0, 255)
+    if opset < 21:
+        raise ValueError(f"{what} has {bits}-bit integers; ONNX stores more than 8 bits in (De)QuantizeLinear from "
+                         f"opset 21 (INT16/UINT16): export with opset=21 or later, or quantise to 8 bits or fewer")
+    return (TensorProto.INT16, np.int16, -32768, 32767) if signed else (TensorProto.UINT16, np.uint16, 0, 65535)
+
+
+class _Builder:
+    """Collects the nodes and initializers of the exported graph."""
+
+    def __init__(self, opset: int, bias: str, signed_activations: bool):
+        self.opset, self.bias = opset, bias
+        self.nodes, self.inits, self.names = [], [], set()
+        self.weight_bits, self.integer_tensors, self.offsets = {}, {}, {}
+        self.signed_activations = signed_activations
+
+    def unique(self, name: str) -> str:
+        base, i = name, 1
+        while name in self.names:
+            i += 1
+            name = f"{base}_{i}"
+        self.names.add(name)
+        return name
+
+    def init(self, name, array=None, *, data_type=None, dims=None, values=None) -> str:
+        from onnx import helper, numpy_helper
+
+        name = self.unique(name)
+        if array is not None:
+            self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        else:
+            self.inits.append(helper.make_tensor(name, data_type, dims, values))
+        return name
+
+    def node(self, op, inputs, output, name, **attrs) -> str:
+        from onnx import helper
+
+        output = self.unique(output)
+        self.nodes.append(helper.make_node(op, list(inputs), [output], name=self.unique(f"{name}/{op}"), **attrs))
+        return output
+
+    # -- activations
+    def quantise(self, x: str, grid, layer_name: str, clamp=None) -> str:
+        """``x`` (float) onto ``grid``: (Clip/Relu), QuantizeLinear, DequantizeLinear; returns the float tensor.
+
+        ``clamp``: the integer range ``(lo, hi)`` of the outputs (the grid's range and a fused activation).
+        """
+        signed = grid.signed or self.signed_activations
+        kind, dtype, low, high = _container(grid.bits, signed, self.opset, False,
+                                            f"the activations of layer {layer_name!r}")
+        lo, hi = clamp if clamp is not None else (grid.quant_min, grid.quant_max)
+        scale, zp = np.float32(grid.scale), int(grid.zero_point)
+        offset = -(1 << (grid.bits - 1)) if signed and not grid.signed else 0  # unsigned grid in a signed type
+        lo, hi, zp = lo + offset, hi + offset, zp + offset
+        if (lo, hi) != (low, high):
+            if lo == zp and hi == high:
+                x = self.node("Relu", [x], f"{layer_name}_relu", layer_name)
+            else:
+                bounds = [self.init(f"{layer_name}_clip_{end}", np.array(np.float64(v - zp) * np.float64(scale),
+                                                                         np.float32))
+                          for end, v in (("low", lo), ("high", hi))]
+                x = self.node("Clip", [x] + bounds, f"{layer_name}_clip", layer_name)
+        s = self.init(f"{layer_name}_scale", np.array(scale, np.float32))
+        z = self.init(f"{layer_name}_zero_point", np.array(zp, dtype))
+        q = self.node("QuantizeLinear", [x, s, z], f"{layer_name}_quantised", layer_name)
+        self.integer_tensors[layer_name] = q
+        self.offsets[layer_name] = offset
+        return self.node("DequantizeLinear", [q, s, z], layer_name, layer_name)
+
+    # -- weights
+    def weight(self, layer) -> tuple:
+        """The weight layer's DequantizeLinear output and bias tensor names."""
+        from onnx import TensorProto
+
+        name, grid = layer.name, layer.weight_grid
+        kind, dtype, low, high = _container(grid.bits, True, self.opset, True, f"the weights of layer {name!r}")
+        codes = layer.weight
+        if codes.min(initial=0) < low or codes.max(initial=0) > high:  # a program made by hand
+            raise ValueError(f"layer {name!r}: weight integers {codes.min()}..{codes.max()} do not fit the "
+                             f"{grid.bits}-bit grid")
+        self.weight_bits[name] = int(grid.bits)
+        if kind in (TensorProto.INT4, TensorProto.UINT4):
+            w = self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
+                          values=codes.reshape(-1).astype(np.int64).tolist())
+        else:
+            w = self.init(f"{name}.weight_quantised", codes.astype(dtype))
+        scale = grid.scale.astype(np.float32)
+        per_tensor = bool(np.all(scale == scale[0]))
+        s = self.init(f"{name}.weight_scale", np.array(scale[0], np.float32) if per_tensor else scale)
+        attrs = {} if per_tensor else {"axis": 0}
+        wf = self.node("DequantizeLinear", [w, s], f"{name}.weight", name, **attrs)
+        acc_scale = np.float64(layer.in_grid.scale) * scale.astype(np.float64)  # per channel
+        frac = 2.0 ** -layer.bias_frac_bits
+        if layer.bias_float is not None:  # PyTorch's own int8 models add a float bias
+            real = layer.bias_float.astype(np.float64)
+        else:
+            real = layer.bias.astype(np.float64) * frac * acc_scale
+        if self.bias == "float":
+            return wf, self.init(f"{name}.bias", real.astype(np.float32))
+        units = np.rint(real / acc_scale.astype(np.float32).astype(np.float64))
+        if np.any(np.abs(units) > 2 ** 31 - 1):
+            raise ValueError(f"layer {name!r}: the bias does not fit in int32 on the accumulator's scale; "
+                             f"export with bias='float'")
+        b = self.init(f"{name}.bias_quantised", units.astype(np.int32))
+        bs = self.init(f"{name}.bias_scale", acc_scale.astype(np.float32))
+        return wf, self.node("DequantizeLinear", [b, bs], f"{name}.bias", name, axis=0)
+
+
+def _pads(padding) -> list:
+    return [int(padding[0]), int(padding[1]), int(padding[0]), int(padding[1])]
+
+
+def _graph(program, opset: int, bias: str, signed_activations: bool):
+    """The ONNX GraphProto of ``program`` and the builder that made it."""
+    from onnx import TensorProto, helper
+
+    from .nna.compiler import output_shapes
+    from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
+
+    shapes = output_shapes(program)
+    b = _Builder(opset, bias, signed_activations)
+    values = {}
+    inp = b.unique("input")
+    for layer in program.layers:
+        ins = [values[name] for name in layer.inputs]
+        name = layer.name
+        if isinstance(layer, InputLayer):
+            values[name] = b.quantise(inp, layer.grid, name)
+        elif isinstance(layer, WeightLayer):
+            w, bias_name = b.weight(layer)
+            if layer.op == "conv2d":
+                y = b.node("Conv", [ins[0], w, bias_name], f"{name}_sum", name,
+                           kernel_shape=[int(k) for k in layer.weight.shape[2:]], strides=list(layer.stride),
+                           pads=_pads(layer.padding), dilations=list(layer.dilation), group=int(layer.groups))
+            else:
+                y = b.node("Gemm", [ins[0], w, bias_name], f"{name}_sum", name, transB=1)
+            if layer.out_grid is None:
+                values[name] = b.node("Relu", [y], f"{name}_relu", name) if layer.activation else y
+            else:
+                values[name] = b.quantise(y, layer.out_grid, name, layer.out_grid.clamp_range(layer.activation))
+        elif isinstance(layer, PoolLayer):
+            geometry = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                            pads=_pads(layer.padding))
+            if layer.op == "maxpool2d":
+                y = b.node("MaxPool", ins, f"{name}_max", name, **geometry)
+            else:
+                if layer.rounding != "requantise":
+                    raise ValueError(f"layer {name!r} (avgpool2d) rounds as PyTorch's quantized kernel "
+                                     f"{layer.rounding!r} does, keeping its input's grid; ONNX's AveragePool "
+                                     f"followed by QuantizeLinear cannot express that rounding. Export a model "
+                                     f"quantised with nnlab.quant instead")
+                y = b.node("AveragePool", ins, f"{name}_mean", name, count_include_pad=1, **geometry)
+            values[name] = b.quantise(y, layer.out_grid, name, layer.out_grid.clamp_range(layer.activation))
+        elif isinstance(layer, FlattenLayer):
+            y = b.node("Flatten", ins, f"{name}_flat", name, axis=1)
+            values[name] = y if layer.out_grid is None else b.quantise(y, layer.out_grid, name)
+        elif isinstance(layer, AddLayer):
+            y = b.node("Add", ins, f"{name}_sum", name)
+            values[name] = b.quantise(y, layer.out_grid, name, layer.out_grid.clamp_range(layer.activation))
+        elif isinstance(layer, ConcatLayer):
+            y = b.node("Concat", ins, f"{name}_cat", name, axis=1)
+            values[name] = b.quantise(y, layer.out_grid, name, layer.out_grid.clamp_range(layer.activation))
+        else:
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__} ({getattr(layer, 'op', '?')}), which "
+                             f"the ONNX export does not know; supported: the program layers of nnlab.nna")
+    out = values[program.output.name]
+    b.nodes.append(helper.make_node("Identity", [out], ["logits"], name="output/Identity"))
+    x = helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", *program.input.shape])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", *shapes[program.output.name]])
+    return helper.make_graph(b.nodes, program.name, [x], [y], initializer=b.inits), b
+
+
+def _program(model, input_shape):
+    """The compiled program of ``model`` (a Program passes through), refusing a float model by name."""
+    from torch import nn
+
+    from . import nna
+    from .nna.program import Program
+    from .quant import weight_layers, weight_quantizer
+
+    if isinstance(model, Program):
+        return model
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a quantised torch.nn.Module (nnlab.quant.quantise_model) or an "
+                        f"nnlab.nna.Program, got {type(model).__name__}")
+    layers = weight_layers(model)
+    float_layers = [name for name, m in layers if weight_quantizer(m) is None] if layers else []
+    if layers and len(float_layers) == len(layers):
+        raise ValueError(f"model is a float model (no quantised weights in {', '.join(float_layers[:4])}"
+                         f"{' ...' if len(float_layers) > 4 else ''}); ONNX export writes a quantised network: "
+                         f"quantise it first with nnlab.quant.quantise_model(model, data, weight_bits=8, act_bits=8)")
+    return nna.compile_model(model, input_shape)
+
+
+def to_onnx(model, path, *, input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET, bias: str = "float",
+            signed_activations: bool = False, name: str | None = None):
+    """Write a quantised network as an ONNX model in the quantize/dequantize form (see the module docstring).
+
+    Args:
+        model: a model quantised with :mod:`nnlab.quant` (weights and activations,
+            e.g. :func:`nnlab.quant.quantise_model` with ``act_bits``), pruned or not,
+            or a :class:`~nnlab.nna.Program` compiled from one.
+        path: the ``.onnx`` file to write (written whole or not at all).
+        input_shape: one input's ``(C, H, W)`` (ignored for a Program, which knows it).
+        opset: ONNX opset, ``13`` .. the newest the installed ``onnx`` knows (default 21).
+            Below 21, 2..4-bit weights are stored in INT8 and more than 8 bits are refused.
+        bias: ``"float"`` (float32 biases, as the fake-quantised model adds them) or
+            ``"int32"`` (int32 on the accumulator's scale, behind a DequantizeLinear).
+        name: the graph's name (default the program's).
+
+    Returns:
+        The ``onnx.ModelProto`` written (``onnx.checker`` has passed on it).
+
+    Raises:
+        ImportError: ``onnx`` is not installed (says how to install it).
+        TypeError: ``model`` is neither a module nor a Program.
+        ValueError: a float model; a bad ``opset`` or ``bias``; a grid ONNX cannot
+            store at that opset; a layer ONNX cannot express (names it).
+        nnlab.graph.GraphError: a node the compiler refuses (names the node,
+            its operation and what is supported).
+    """
+    onnx = require_onnx()
+    from onnx import helper
+
+    from . import __version__
+    from ._args import check_bool, check_choice, check_int
+    from ._files import atomic_write
+
+    newest = onnx.defs.onnx_opset_version()
+    check_int("opset", opset, minimum=MIN_OPSET, maximum=newest)
+    check_choice("bias", bias, BIASES)
+    program = _program(model, input_shape)
+    check_bool("signed_activations", signed_activations)
+    graph, builder = _graph(program, opset, bias, signed_activations)
+    if name is not None:
+        graph.name = str(name)
+    proto = helper.make_model(graph, producer_name="nnlab", producer_version=__version__,
+                              opset_imports=[helper.make_opsetid("", opset)],
+                              doc_string=f"{program.name}: quantised with nnlab, quantize/dequantize form")
+    proto.ir_version = min(proto.ir_version, _ir_version(opset))
+    helper.set_model_props(proto, {
+        "nnlab.weight_bits": json.dumps(builder.weight_bits),
+        "nnlab.activation_tensors": json.dumps(builder.integer_tensors),
+        "nnlab.activation_offsets": json.dumps(builder.offsets),
+        "nnlab.bias": bias,
+    })
+    onnx.checker.check_model(proto, full_check=True)
+    path = Path(path)
+    atomic_write(path, proto.SerializeToString())
+    return proto
+
+
+def _ir_version(opset: int) -> int:
+    """The IR version that goes with ``opset`` (an old runtime refuses a newer IR)."""
+    from onnx import helper
+
+    for entry in helper.VERSION_TABLE:  # (release, ir, opset, ...)
+        if entry[2] >= opset:
+            return entry[1]
+    return helper.VERSION_TABLE[-1][1]
+
+
+# ----------------------------------------------------------------------------- reading and running
+def _load(path_or_proto):
+    onnx = require_onnx()
+    if isinstance(path_or_proto, onnx.ModelProto):
+        return path_or_proto
+    path = Path(path_or_proto)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX file at {str(path)!r}")
+    return onnx.load(str(path))
+
+
+#: ONNX Runtime's graph optimisation levels :func:`run_onnx` offers (see the module docstring).
+OPTIMIZATIONS = ("none", "basic", "all")
+
+
+def _session(proto, threads: int, optimization: str):
+    _, ort = require_onnx(runtime=True)
+    options = ort.SessionOptions()
+    levels = {"none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    options.graph_optimization_level = levels[optimization]
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(model, images, *, optimization: str = "basic", threads: int = 1, batch_size: int = 256,
+             intermediates: bool = False):
+    """Run an exported file in ONNX Runtime on the CPU.
+
+    Args:
+        model: the ``.onnx`` path, or the ``onnx.ModelProto`` :func:`to_onnx` returned.
+        images: float images ``(N, C, H, W)`` (NumPy array or torch tensor), normalised.
+        optimization: ONNX Runtime's graph optimisations, one of :data:`OPTIMIZATIONS`:
+            ``"basic"`` (default) runs the graph as written, QuantizeLinear, DequantizeLinear and float
+            kernels; ``"all"`` lets it fuse the pairs into its integer kernels (``QLinearConv``), which
+            on x86 CPUs without AVX512-VNNI saturate with 8-bit weights (see the module docstring).
+        threads: ONNX Runtime's intra-op threads (1: the same results on every machine load).
+        batch_size: images per call.
+        intermediates: also return every quantised activation, as integers.
+
+    Returns:
+        float32 logits ``(N, classes)``; with ``intermediates``, ``(logits, {layer name: integers})``
+        (the integers of the QuantizeLinear after each layer, ``(N, C, H, W)`` or ``(N, features)``).
+
+    Raises:
+        ImportError: onnx or onnxruntime is missing.
+    """
+    from onnx import helper
+
+    from ._args import check_choice, check_int
+
+    check_choice("optimization", optimization, OPTIMIZATIONS)
+    check_int("threads", threads, minimum=1)
+    check_int("batch_size", batch_size, minimum=1)
+    proto = _load(model)
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images)
+    x = x.astype(np.float32, copy=False)
+    tensors = {}
+    if intermediates:
+        props = {p.key: p.value for p in proto.metadata_props}
+        tensors = json.loads(props.get("nnlab.activation_tensors", "{}"))
+        if not tensors:
+            raise ValueError("this ONNX file has no record of its quantised activations (nnlab.activation_tensors); "
+                             "intermediates=True reads files written by nnlab.export.to_onnx")
+        proto = type(proto).FromString(proto.SerializeToString())
+        types = _tensor_types(proto)
+        for layer, tensor in tensors.items():
+            proto.graph.output.append(helper.make_tensor_value_info(tensor, types[tensor], None))
+    session = _session(proto, threads, optimization)
+    names = ["logits"] + list(tensors.values())
+    outs = [[] for _ in names]
+    for start in range(0, len(x), batch_size):
+        for acc, value in zip(outs, session.run(names, {session.get_inputs()[0].name: x[start: start + batch_size]})):
+            acc.append(value)
+    results = [np.concatenate(acc) if acc else np.zeros((0,), np.float32) for acc in outs]
+    if not intermediates:
+        return results[0]
+    offsets = json.loads(props.get("nnlab.activation_offsets", "{}"))
+    return results[0], {layer: results[i + 1].astype(np.int64) - offsets.get(layer, 0)
+                        for i, layer in enumerate(tensors)}
+
+
+def _tensor_types(proto) -> dict:
+    """The element type of every QuantizeLinear output: its zero point's type."""
+    inits = {t.name: t.data_type for t in proto.graph.initializer}
+    return {n.output[0]: inits[n.input[2]] for n in proto.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def compare(model, program, images, *, optimization: str = "basic", threads: int = 1) -> dict:
+    """ONNX Runtime against the simulator on the same images: top-1 and the integers of every layer.
+
+    Args:
+        model: the ``.onnx`` path or ModelProto (from :func:`to_onnx`).
+        program: the :class:`~nnlab.nna.Program` the simulator runs (compiled from the same model).
+        images: float images ``(N, C, H, W)``.
+        optimization, threads: as for :func:`run_onnx`.
+
+    Returns:
+        dict: ``top1_agreement`` (share of images with the same top-1 class),
+        ``identical_integers`` (share of every stored activation integer, all
+        layers, that is identical), ``max_integer_difference``, ``layers``
+        (per layer: ``identical``, ``max_difference``, ``values``),
+        ``max_logit_difference`` (largest absolute difference of the logits)
+        and ``images``.
+    """
+    from . import nna
+
+    logits, ints = run_onnx(model, images, optimization=optimization, threads=threads, intermediates=True)
+    x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
+    sim = nna.run(program, x, trace=True)
+    layers, same, total, worst = {}, 0, 0, 0
+    for layer, got in ints.items():
+        if layer not in sim.outputs:
+            raise ValueError(f"layer {layer!r} of the ONNX file is not in program {program.name!r}; compare the "
+                             f"file with the program it was exported from")
+        want = sim.outputs[layer].astype(np.int64)
+        got = got.astype(np.int64).reshape(want.shape)
+        diff = np.abs(got - want)
+        n_same, n = int(np.count_nonzero(diff == 0)), int(diff.size)
+        layers[layer] = {"identical": n_same / n, "max_difference": int(diff.max(initial=0)), "values": n}
+        same, total, worst = same + n_same, total + n, max(worst, int(diff.max(initial=0)))
+    return {
+        "images": int(len(x)),
+        "top1_agreement": float(np.mean(logits.argmax(axis=1) == sim.predictions)),
+        "identical_integers": same / total if total else 1.0,
+        "max_integer_difference": worst,
+        "max_logit_difference": float(np.abs(logits.astype(np.float64) - sim.logits).max(initial=0.0)),
+        "layers": layers,
+    }
+
+
+def node_table(model):
+    """The exported graph's nodes as a pandas table: ``op``, ``name``, ``inputs``, ``output``.
+
+    Args:
+        model: the ``.onnx`` path or ModelProto.
+    """
+    import pandas as pd
+
+    proto = _load(model)
+    return pd.DataFrame([{"op": n.op_type, "name": n.name, "inputs": ", ".join(n.input), "output": ", ".join(n.output)}
+                         for n in proto.graph.node])
+
+
+def weight_storage(model):
+    """What each stored weight tensor is: a pandas table of ``tensor``, ``type`` (INT4/INT8/...), ``shape``,
+    ``zeros`` (how many integers are 0) and ``bytes`` (packed, as ONNX stores them).
+
+    Args:
+        model: the ``.onnx`` path or ModelProto.
+    """
+    import pandas as pd
+    from onnx import TensorProto, numpy_helper
+
+    proto = _load(model)
+    rows = []
+    for t in proto.graph.initializer:
+        if not t.name.endswith(".weight_quantised"):
+            continue
+        values = numpy_helper.to_array(t)
+        rows.append({"tensor": t.name, "type": TensorProto.DataType.Name(t.data_type), "shape": tuple(t.dims),
+                     "zeros": int(np.count_nonzero(values.astype(np.int64) == 0)), "bytes": len(t.raw_data)})
+    return pd.DataFrame(rows)
