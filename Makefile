@@ -1,6 +1,6 @@
 # nnlab: the two commands of the course are `make lab` and `make test`.
 #
-#   make lab    create .venv if missing, install nnlab, start JupyterLab on notebooks/
+#   make lab    create .venv if missing, install nnlab (with the onnx extra), start JupyterLab on notebooks/
 #   make test   create .venv if missing, run the unit tests and every notebook (quick mode)
 #   make bench  run the benchmarks (full mode) and write JSON figures to build/bench/
 #   make bench-notebooks  time every notebook on one core (full mode, cold cache)

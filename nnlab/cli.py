@@ -11,7 +11,10 @@ bars, and writes to ``--out``:
   the stage table, the accuracy/energy and accuracy/bytes plots and the
   simulator's per-layer report;
 * ``report.json``: the same figures, for scripts (strict JSON: a figure
-  that does not exist, such as the bit-depth of a pooling layer, is ``null``).
+  that does not exist, such as the bit-depth of a pooling layer, is ``null``);
+* with ``--onnx``, ``model.onnx``: the deployed network as a standard ONNX
+  model in quantize/dequantize form (:func:`nnlab.export.to_onnx`), which
+  ONNX Runtime and model viewers such as Netron open.
 
 Both show how many sums overflowed the accelerator's accumulator (the
 ``saturated`` column of the stage table and of the per-layer report, and
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import base64
 import html
+import importlib.util
 import io
 import json
 import os
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="quick mode: fewer epochs (also on when NNLAB_QUICK=1)")
     c.add_argument("--no-l1", action="store_true", help="skip the L1-regularisation branch")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    c.add_argument("--onnx", action="store_true",
+                   help="also write model.onnx beside the report: the deployed network in ONNX's quantize/dequantize "
+                        "form (needs the onnx package: pip install \"nnlab[onnx]\")")
     c.add_argument("--out", required=True, type=Path, help="directory for report.html and report.json")
     return parser
 
@@ -289,6 +296,8 @@ def _main(argv) -> int:
                      f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
     if not _DEVICE.match(args.device):
         parser.error(f"--device: device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {args.device!r}")
+    if args.onnx and importlib.util.find_spec("onnx") is None:
+        parser.error('--onnx needs the onnx package, which is not installed: pip install "nnlab[onnx]"')
     # From here on PyTorch is loaded.
     from .train import resolve_device
 
@@ -320,6 +329,11 @@ def _main(argv) -> int:
             warnings.simplefilter("ignore", AccumulatorOverflowWarning)  # printed below, with the summary
             result = compress(args.model, args.dataset, **options)
         write_report(result, args.out)
+        if args.onnx:
+            from .export import to_onnx
+
+            onnx_path = args.out / "model.onnx"
+            to_onnx(result.program, onnx_path)
     except Exception as exc:  # one line, not a traceback: the options were sound, the run was not
         text = " ".join(str(exc).split()) or "(no message)"
         print(f"nnlab compress: error: {type(exc).__name__}: {text}", file=sys.stderr)
@@ -331,6 +345,8 @@ def _main(argv) -> int:
     print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}%{overflow} | storage "
           f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "
           f"report: {args.out / 'report.html'}")
+    if args.onnx:
+        print(f"ONNX model: {onnx_path} ({onnx_path.stat().st_size:,} bytes)")
     if result.overflow:
         print(f"nnlab compress: warning: {result.overflow['message']}", file=sys.stderr)
     return 0

@@ -128,6 +128,14 @@ def _container(bits: int, signed: bool, opset: int, weight: bool, what: str):
     return (TensorProto.INT16, np.int16, -32768, 32767) if signed else (TensorProto.UINT16, np.uint16, 0, 65535)
 
 
+def _pack_4bit(codes: np.ndarray) -> bytes:
+    """4-bit integers packed two to a byte, as ONNX stores INT4/UINT4: the first in the low nibble."""
+    nibbles = (codes.reshape(-1).astype(np.int64) & 0xF).astype(np.uint8)
+    if nibbles.size % 2:
+        nibbles = np.append(nibbles, np.uint8(0))
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).tobytes()
+
+
 class _Builder:
     """Collects the nodes and initializers of the exported graph."""
 
@@ -145,14 +153,14 @@ class _Builder:
         self.names.add(name)
         return name
 
-    def init(self, name, array=None, *, data_type=None, dims=None, values=None) -> str:
+    def init(self, name, array=None, *, data_type=None, dims=None, values=None, raw=False) -> str:
         from onnx import helper, numpy_helper
 
         name = self.unique(name)
         if array is not None:
             self.inits.append(numpy_helper.from_array(np.asarray(array), name))
         else:
-            self.inits.append(helper.make_tensor(name, data_type, dims, values))
+            self.inits.append(helper.make_tensor(name, data_type, dims, values, raw=raw))
         return name
 
     def node(self, op, inputs, output, name, **attrs) -> str:
@@ -204,7 +212,7 @@ class _Builder:
         self.weight_bits[name] = int(grid.bits)
         if kind in (TensorProto.INT4, TensorProto.UINT4):
             w = self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
-                          values=codes.reshape(-1).astype(np.int64).tolist())
+                          values=_pack_4bit(codes), raw=True)
         else:
             w = self.init(f"{name}.weight_quantised", codes.astype(dtype))
         scale = grid.scale.astype(np.float32)
@@ -307,7 +315,7 @@ def _program(model, input_shape):
         raise TypeError(f"model must be a quantised torch.nn.Module (nnlab.quant.quantise_model) or an "
                         f"nnlab.nna.Program, got {type(model).__name__}")
     layers = weight_layers(model)
-    float_layers = [name for name, m in layers if weight_quantizer(m) is None] if layers else []
+    float_layers = [name for name, m in layers.items() if weight_quantizer(m) is None]
     if layers and len(float_layers) == len(layers):
         raise ValueError(f"model is a float model (no quantised weights in {', '.join(float_layers[:4])}"
                          f"{' ...' if len(float_layers) > 4 else ''}); ONNX export writes a quantised network: "
