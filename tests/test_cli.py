@@ -1,5 +1,6 @@
 """The headless pipeline: `nnlab compress` and nnlab.pipeline.compress."""
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -73,7 +74,8 @@ def test_pipeline_validates_arguments():
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("compress")
-    proc = subprocess.run([sys.executable, "-m", "nnlab.cli", "compress", "--quick", "--no-progress",
+    onnx = ["--onnx"] if importlib.util.find_spec("onnx") else []  # the optional extra, when installed
+    proc = subprocess.run([sys.executable, "-m", "nnlab.cli", "compress", "--quick", "--no-progress", *onnx,
                            "--sparsity", "0.9", "--weight-bits", "5", "--act-bits", "8", "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -98,6 +100,25 @@ def test_compress_writes_html_and_json(quick_run):
     assert html.count("data:image/png;base64,") == 3
     assert f"{head['compression']:.1f}x" in html and "retrained low-bit" in html
     assert "report.html" in stdout
+
+
+def test_compress_onnx_writes_the_deployed_network(quick_run):
+    onnx = pytest.importorskip("onnx", reason='--onnx needs the optional extra: pip install "nnlab[onnx]"')
+    out, stdout = quick_run
+    model = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(model, full_check=True)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert set(json.loads(props["nnlab.weight_bits"]).values()) == {5}  # the retrained 5-bit network
+    assert "ONNX model:" in stdout and "model.onnx" in stdout
+
+
+def test_onnx_option_without_the_package_is_refused_before_training(monkeypatch, capsys, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["compress", "--onnx", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and 'pip install "nnlab[onnx]"' in capsys.readouterr().err
 
 
 def test_html_report_opens_in_chromium_without_errors(quick_run):
