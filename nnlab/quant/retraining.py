@@ -25,6 +25,17 @@ they move, and activation grids keep their calibrated ranges.
 
 In both methods, weights inside the quantised subset receive the
 straight-through gradient.
+
+Scales (``scales``):
+
+* ``"follow"``: each weight scale follows its weights (``max|w| / quant_max``,
+  times the clipping ratio found by the scale method); activation scales keep
+  their calibrated values.  The scales get no gradient.
+* ``"learned"``: every scale is an ``nn.Parameter`` trained with the weights
+  (LSQ, :mod:`nnlab.quant.lsq`): weight steps start at ``2 * mean|w| /
+  sqrt(quant_max)``, activation steps at their calibrated values.  At 2 bits
+  this lets training choose a finer step than ``max|w|`` gives, with the largest
+  weights clipped.  :func:`freeze` keeps the learned grids.
 """
 
 from __future__ import annotations
@@ -39,12 +50,15 @@ from torch import nn
 from .._args import check_choice, check_float, check_int, check_positive_int
 from ..distributed import is_distributed, shared_generator
 from ..train import Callback, evaluate, fit
-from .model import act_quantizers, attach_quantisers, freeze, quantise_model, weight_layers, weight_quantizer
+from .model import (act_quantizers, attach_quantisers, freeze, quantise_model, quantiser_input, weight_layers,
+                    weight_quantizer)
 
-__all__ = ["METHODS", "SCHEDULES", "RandomSubset", "retrain", "pretrained_quantised"]
+__all__ = ["METHODS", "SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
 
 METHODS = ("ste", "random_subset")
 SCHEDULES = ("linear", "steps", "constant")
+#: How scales behave while retraining: follow the weights (no gradient), or learned (LSQ).
+SCALE_MODES = ("follow", "learned")
 
 
 def _quantizers(model):
@@ -137,6 +151,7 @@ def retrain(
     epochs: int = 3,
     *,
     method: str = "random_subset",
+    scales: str = "follow",
     schedule: str | Callable = "linear",
     start: float = 0.25,
     full_at: float = 0.75,
@@ -155,6 +170,9 @@ def retrain(
         epochs: passes over the training data.
         method: ``"ste"`` (every weight quantised, straight-through) or
             ``"random_subset"`` (a growing random subset; see the module docstring).
+        scales: ``"follow"`` (weight scales follow max |w|, activation scales
+            stay as calibrated) or ``"learned"`` (every scale is trained, LSQ;
+            see the module docstring).
         schedule, start, full_at, stages, redraw: the random-subset schedule
             (see :class:`RandomSubset`); ignored for ``"ste"``.
         lr: peak learning rate (small: the weights start trained).
@@ -168,9 +186,10 @@ def retrain(
         the random-subset method.
 
     Raises:
-        ValueError: unknown method, or a model without weight quantisers.
+        ValueError: unknown method or scales, or a model without weight quantisers.
     """
     check_choice("method", method, METHODS)
+    check_choice("scales", scales, SCALE_MODES)
     quantizers = _quantizers(model)
     if not quantizers:
         raise ValueError("model has no WeightQuantizer; quantise it first with nnlab.quant.quantise_model")
@@ -178,12 +197,21 @@ def retrain(
     if method == "random_subset":
         subset = RandomSubset(schedule, start=start, full_at=full_at, stages=stages, redraw=redraw)
         callbacks = (subset, *callbacks)
-    for q in quantizers:
-        q.track = True
-        q.set_subset(None)
     for a in act_quantizers(model).values():
         if a.calibrating:
             raise ValueError("calibrate the activation quantisers before retraining (nnlab.quant.calibrate)")
+    for layer in weight_layers(model).values():
+        q = weight_quantizer(layer)
+        if q is None:
+            continue
+        q.track = scales == "follow"
+        q.set_subset(None)
+        if scales == "learned" and not q.learning:
+            q.learn_scale(quantiser_input(layer), init="lsq")
+    if scales == "learned":
+        for a in act_quantizers(model).values():
+            if not a.learning:
+                a.learn_scale()
     try:
         history = fit(model, data, epochs, lr=lr, callbacks=callbacks,
                       desc=fit_options.pop("desc", f"retrain {method}"), **fit_options)
