@@ -22,8 +22,8 @@ scale: the weights of the tensor or channel, or one sample's activations), so
 that the step learns at a rate comparable to the weights.  The step starts at
 ``2 * mean|w| / sqrt(q_max)`` (:func:`lsq_init`).
 
-The forward pass is PyTorch's own fake quantisation with the current scale,
-so the learned grid is an ordinary :class:`~nnlab.quant.Grid`: the NNA
+The forward pass is PyTorch's own fake quantisation with the current scale
+(:func:`fake_quantise_learned` runs PyTorch's fused LSQ kernel), so the learned grid is an ordinary :class:`~nnlab.quant.Grid`: the NNA
 compiler and simulator read exactly the scale that was learned.
 
 :meth:`nnlab.quant.WeightQuantizer.learn_scale` and
@@ -39,52 +39,9 @@ import math
 import torch
 
 from .spec import QuantSpec
-from .tensor import MIN_SCALE, _fake_quantise
+from .tensor import MIN_SCALE, check_finite
 
 __all__ = ["fake_quantise_learned", "lsq_init", "lsq_grad_factor"]
-
-
-def _along(t: torch.Tensor, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """A per-channel tensor shaped to broadcast along ``spec.ch_axis`` of ``x`` (per tensor: unchanged)."""
-    if not spec.per_channel:
-        return t
-    shape = [1] * x.dim()
-    shape[spec.ch_axis] = -1
-    return t.view(shape)
-
-
-class _LearnedStep(torch.autograd.Function):
-    """Fake quantisation whose backward pass also gives the step its LSQ gradient."""
-
-    @staticmethod
-    def forward(ctx, x, scale, zero_point, spec, grad_factor, name):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.spec, ctx.grad_factor = spec, grad_factor
-        # PyTorch's fake-quantisation kernel: the very values the simulator computes from the Grid.
-        return _fake_quantise(x, spec, scale.detach(), zero_point, name, check_scale=False)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        spec = ctx.spec
-        s, z = _along(scale, x, spec), _along(zero_point, x, spec)
-        v = x * (1.0 / s)  # x / s as the kernel computes it (multiplication by the float32 reciprocal)
-        r = torch.round(v)
-        q = r + z
-        below, above = q < spec.quant_min, q > spec.quant_max
-        inside = ~(below | above)
-        grad_x = grad * inside if ctx.needs_input_grad[0] else None
-        grad_s = None
-        if ctx.needs_input_grad[1]:
-            step = torch.where(inside, r - v, torch.where(below, spec.quant_min - z, spec.quant_max - z).to(v.dtype))
-            g = grad * step
-            if spec.per_channel:
-                dims = [d for d in range(x.dim()) if d != spec.ch_axis]
-                g = g.sum(dim=dims) if dims else g
-            else:
-                g = g.sum().reshape(scale.shape)
-            grad_s = g * ctx.grad_factor
-        return grad_x, grad_s, None, None, None, None
 
 
 def fake_quantise_learned(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor, zero_point: torch.Tensor,
@@ -93,21 +50,35 @@ def fake_quantise_learned(x: torch.Tensor, spec: QuantSpec, scale: torch.Tensor,
 
     The values are exactly :func:`nnlab.quant.fake_quantise`'s; only the
     backward pass differs: ``scale`` receives the LSQ gradient times
-    ``grad_factor`` (see the module docstring).
+    ``grad_factor`` (see the module docstring).  It runs PyTorch's fused LSQ
+    kernels (``torch._fake_quantize_learnable_per_tensor_affine`` and
+    ``..._per_channel_affine``), whose forward pass is the same fake
+    quantisation kernel and whose backward pass computes both gradients in one
+    sweep; the zero point is passed without gradient and stays fixed.
 
     Args:
         x: float tensor.
         spec: the QuantSpec.
         scale: float32 tensor, positive (0-dim, or one per channel), usually an
             ``nn.Parameter``.
-        zero_point: int32 tensor shaped like ``scale`` (not learned).
+        zero_point: integer tensor shaped like ``scale`` (not learned).
         grad_factor: multiplies the step's gradient, e.g. :func:`lsq_grad_factor`.
-        name: what ``x`` is, for error messages (NaN or infinite values are refused).
+        name: what ``x`` is, for error messages.
 
     Returns:
         A float tensor like ``x`` whose values lie on the grid.
+
+    Raises:
+        ValueError: ``x`` holds NaN or infinite values.
     """
-    return _LearnedStep.apply(x, scale, zero_point, spec, float(grad_factor), name)
+    check_finite(x, name)
+    zp = zero_point.detach().to(torch.float32)
+    if spec.per_channel:
+        return torch._fake_quantize_learnable_per_channel_affine(
+            x, scale, zp, spec.ch_axis, spec.quant_min, spec.quant_max, float(grad_factor))
+    out = torch._fake_quantize_learnable_per_tensor_affine(
+        x, scale.reshape(1), zp.reshape(1), spec.quant_min, spec.quant_max, float(grad_factor))
+    return out
 
 
 def lsq_grad_factor(values: int, spec: QuantSpec) -> float:
