@@ -146,3 +146,10 @@ def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(data, trai
     assert program.layer("fc1").in_grid == acts["pool2_quant"].grid()
     result = nna.agreement(program, q, data)
     assert result["agreement"] >= 99.0, result
+
+
+def test_pretrained_quantised_refuses_bad_scales():
+    with pytest.raises(ValueError, match="scales"):
+        quant.pretrained_quantised("lenet5", 2, 8, scales="bogus", verbose=False)
+    with pytest.raises(ValueError, match="ptq"):
+        quant.pretrained_quantised("lenet5", 2, 8, method="ptq", scales="learned", verbose=False)

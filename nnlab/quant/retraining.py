@@ -231,6 +231,7 @@ def pretrained_quantised(
     act_bits: int | None = 8,
     *,
     method: str = "random_subset",
+    scales: str = "follow",
     epochs: int | None = None,
     sparsity: float | None = None,
     granularity: str = "per_channel",
@@ -252,6 +253,7 @@ def pretrained_quantised(
         model: baseline name, e.g. ``"lenet5"``.
         weight_bits, act_bits: bit-depths (act_bits None: float activations).
         method: ``"ste"``, ``"random_subset"`` or ``"ptq"`` (no retraining).
+        scales: ``"follow"`` or ``"learned"`` (LSQ), as for :func:`retrain`.
         epochs: retraining epochs; default 3 (1 in quick mode).
         sparsity: start from the pruned network of this sparsity (e.g. 0.9).
         granularity: weight scales ``"per_channel"`` or ``"per_tensor"``.
@@ -274,6 +276,9 @@ def pretrained_quantised(
     check_quantised_arguments(model, weight_bits, act_bits, method=method, epochs=epochs, sparsity=sparsity,
                               granularity=granularity, overrides=overrides, lr=lr, data=data, device=device,
                               seed=seed, quick=quick, verbose=verbose)
+    check_choice("scales", scales, SCALE_MODES)
+    if scales == "learned" and method == "ptq":
+        raise ValueError("scales='learned' needs retraining; method 'ptq' does not train (use 'ste' or 'random_subset')")
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
     if data is None:
@@ -292,6 +297,8 @@ def pretrained_quantised(
     spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
             "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
             "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
+    if scales != "follow":  # entries retrained with scales that follow the weights keep their cache keys
+        spec["scales"] = scales
 
     def build():
         if verbose:
@@ -301,7 +308,8 @@ def pretrained_quantised(
                   f"({method}; done once, then cached) ...")
         qmodel = quantise_model(base(device), data, weight_bits, act_bits, **options)
         if method != "ptq":
-            retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
+            retrain(qmodel, data, epochs, method=method, scales=scales, lr=lr, seed=seed, device=device,
+                    progress=verbose)
         qmodel.to("cpu")
         metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in spec.items() if k != "data"}}
         return {"state_dict": qmodel.state_dict(), "metrics": metrics}
@@ -316,7 +324,8 @@ def pretrained_quantised(
         skeleton().load_state_dict(payload["state_dict"])
 
     sp = "" if sparsity is None else f"-sparse{round(100 * sparsity)}"
-    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}", spec, build,
+    lsq = "-lsq" if scales == "learned" else ""
+    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}{lsq}", spec, build,
                            validate=validate, verbose=verbose)
     net = skeleton()
     net.load_state_dict(payload["state_dict"])
