@@ -87,7 +87,7 @@ def check_common(model, dataset, source, seed, quick, verbose) -> None:
 
 
 def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, act_bits, method, hardware,
-                             device, seed, quick, l1_branch, verbose):
+                             device, seed, quick, l1, verbose):
     """Check every argument of :func:`nnlab.pipeline.compress` before any data is loaded or model trained.
 
     Returns:
@@ -108,7 +108,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     check_bits("weight_bits", weight_bits)
     check_bits("act_bits", act_bits)
     check_choice("method", method, METHODS)
-    check_bool("l1_branch", l1_branch)
+    check_bool("l1", l1)
     hardware = nna.SERIES2NX if hardware is None else hardware
     if not isinstance(hardware, nna.NNAConfig):
         raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")

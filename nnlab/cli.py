@@ -3,7 +3,7 @@
     nnlab compress --model lenet5 --dataset mnist --sparsity 0.9 \\
                    --weight-bits 5 --act-bits 8 --out results/
 
-runs :func:`nnlab.pipeline.compress` (baseline, coring, distillation, L1,
+runs :func:`nnlab.pipeline.compress` (baseline, coring, distillation, L1 with ``--l1``,
 post-training quantisation, retraining, the NNA simulator) with progress
 bars, and writes to ``--out``:
 
@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto")
     c.add_argument("--seed", type=_ranged_int("--seed", 0, 2**31 - 1), default=0, help="seed of every training run")
     c.add_argument("--quick", action="store_true", help="quick mode: fewer epochs (also on when NNLAB_QUICK=1)")
-    c.add_argument("--no-l1", action="store_true", help="skip the L1-regularisation branch")
+    c.add_argument("--l1", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run the L1-regularisation side branch (off by default: the deployed network does not use it)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--onnx", action="store_true",
                    help="also write model.onnx beside the report: the deployed network in ONNX's quantize/dequantize "
@@ -309,7 +310,7 @@ def _main(argv) -> int:
 
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
                    method=args.method, hardware=hardware, device=args.device, seed=args.seed,
-                   quick=True if args.quick else None, l1_branch=not args.no_l1, verbose=not args.no_progress)
+                   quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress)
     try:
         check_compress_arguments(args.model, args.dataset, **options)
     except (ValueError, TypeError) as exc:

@@ -14,7 +14,7 @@ Stages, each starting from the previous one's network unless said otherwise:
    (:func:`nnlab.distill.pretrained_sparse`);
 4. ``L1 + pruned + distilled``: the baseline first retrained with an L1
    penalty, then cored and distilled the same way (a side branch: it shows
-   what L1 adds);
+   what L1 adds; run only with ``l1=True``, as the deployed network does not use it);
 5. ``PTQ``: stage 3 quantised after training (:func:`nnlab.quant.quantise_model`);
 6. ``retrained low-bit``: stage 3 quantised and retrained
    (:func:`nnlab.quant.pretrained_quantised`);
@@ -201,7 +201,7 @@ def compress(
     device="cpu",
     seed: int = 0,
     quick: bool | None = None,
-    l1_branch: bool = True,
+    l1: bool = False,
     verbose: bool = True,
 ) -> CompressionResult:
     """Run baseline -> prune -> distill -> (L1) -> PTQ -> retrain -> NNA, and cost every stage.
@@ -218,7 +218,8 @@ def compress(
         device: where to train (``"cpu"``, ``"cuda"``, ``"cuda:N"``, ``"auto"``).
         seed: seed of every training run.
         quick: quick-mode recipes (fewer epochs); default :func:`nnlab.quick_mode`.
-        l1_branch: also run stage 4 (L1 regularisation).
+        l1: also run stage 4, the L1-regularisation side branch (off by default: the deployed
+            network does not use it, and it is the longest stage of a cold run).
         verbose: print progress.
 
     Returns:
@@ -230,7 +231,7 @@ def compress(
 
     sparsity, hardware, dev = check_compress_arguments(
         model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
-        hardware=hardware, device=device, seed=seed, quick=quick, l1_branch=l1_branch, verbose=verbose)
+        hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose)
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 
@@ -258,9 +259,9 @@ def compress(
     sparse = pretrained_sparse(model, sparsity, data=data, quick=quick, device=dev, seed=seed,
                                verbose=verbose).cpu()
     add("pruned + distilled", sparse, float_model=True)
-    if l1_branch:
-        l1 = _l1_branch(baseline, data, sparsity, quick=quick, device=dev, seed=seed, verbose=verbose)
-        add("L1 + pruned + distilled", l1, float_model=True)
+    if l1:
+        l1_net = _l1_branch(baseline, data, sparsity, quick=quick, device=dev, seed=seed, verbose=verbose)
+        add("L1 + pruned + distilled", l1_net, float_model=True)
     ptq = quant.quantise_model(sparse, data, weight_bits, act_bits)
     add("PTQ", ptq, float_model=False, bits=(weight_bits, act_bits))
     retrained = quant.pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,

@@ -241,7 +241,7 @@ def test_cli_ctrl_c_in_a_real_run(tmp_path):
     ({"act_bits": 8.0}, TypeError, "act_bits must be an integer"),
     ({"hardware": "series2nx"}, TypeError, "hardware must be an nnlab.nna.NNAConfig"),
     ({"method": "magic"}, ValueError, "method must be one of"),
-    ({"l1_branch": "yes"}, TypeError, "l1_branch must be True or False"),
+    ({"l1": "yes"}, TypeError, "l1 must be True or False"),
     ({"seed": -1}, ValueError, "seed must be >= 0"),
     ({"quick": "no"}, TypeError, "quick must be True or False"),
     ({"sparsity": float("nan")}, ValueError, "sparsity must be a number, got NaN"),

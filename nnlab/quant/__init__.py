@@ -9,7 +9,10 @@ Modules, one subject each:
 * :mod:`nnlab.quant.modules`: :class:`WeightQuantizer`, :class:`ActQuantizer`, :class:`FixedMask`;
 * :mod:`nnlab.quant.model`: post-training quantisation of a network (:func:`quantise_model`);
 * :mod:`nnlab.quant.retraining`: retraining for low bits (:func:`retrain`: straight-through
-  or random-subset) and :func:`pretrained_quantised`, a cached retrained model;
+  or random-subset, with scales that follow the weights or are learned) and
+  :func:`pretrained_quantised`, a cached retrained model;
+* :mod:`nnlab.quant.lsq`: learned quantisation steps (LSQ): the scale as a
+  parameter with its own gradient;
 * :mod:`nnlab.quant.sensitivity`: which layers need more bits (:func:`bit_sensitivity`) and
   which images quantisation hurts first (:func:`quantisation_by_difficulty`).
 
@@ -73,9 +76,11 @@ returns a rewritten copy of the float model:
 """
 
 from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_quantizers, attach_quantisers, calibrate, describe,
-                    distinct_values, freeze, quantise_model, quantised_weight, weight_layers, weight_quantizer)
-from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
-from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+                    distinct_values, freeze, quantise_model, quantised_weight, quantiser_input, weight_layers,
+                    weight_quantizer)
+from .lsq import fake_quantise_learned, lsq_grad_factor, lsq_init
+from .modules import ACT_METHODS, SCALE_INITS, ActQuantizer, FixedMask, WeightQuantizer
+from .retraining import METHODS, SCALE_MODES, SCHEDULES, RandomSubset, pretrained_quantised, retrain
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
 from .grid import Grid
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
@@ -86,9 +91,10 @@ __all__ = [
     "QuantSpec", "Grid", "GRANULARITIES", "MIN_BITS", "MAX_BITS",
     "compute_qparams", "qparams_from_range", "value_range", "fake_quantise", "quantise", "dequantise",
     "grid_levels", "SCALE_METHODS", "MIN_SCALE", "check_finite", "check_finite_parameters",
-    "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS",
+    "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS", "SCALE_INITS",
+    "fake_quantise_learned", "lsq_init", "lsq_grad_factor", "quantiser_input",
     "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
-    "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES",
+    "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES", "SCALE_MODES",
     "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
 ]

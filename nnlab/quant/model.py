@@ -29,7 +29,7 @@ from .tensor import SCALE_METHODS, check_finite_parameters, fake_quantise
 
 __all__ = ["INPUT_QUANTIZER", "WEIGHT_LAYERS", "weight_layers", "weight_quantizer", "act_quantizers",
            "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
-           "quantised_weight", "act_quantizer_names"]
+           "quantised_weight", "act_quantizer_names", "quantiser_input"]
 
 #: Layer types whose weights are quantised.
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
@@ -434,9 +434,11 @@ def quantise_model(
 def freeze(model: nn.Module) -> nn.Module:
     """Clamp every quantised weight to its nearest grid level, for good (the end of retraining).
 
-    For each WeightQuantizer: the scale is recomputed from the final weight,
-    the quantised values are written into the stored (original) weight, and
-    the scale stops tracking the weights.  The stored weights then hold at
+    For each WeightQuantizer: the scale is recomputed from the final weight
+    (a learned scale is kept as learned and becomes a buffer again), the
+    quantised values are written into the stored (original) weight, and the
+    scale stops tracking the weights.  Learned activation scales become
+    buffers again too.  The stored weights then hold at
     most ``2**bits`` distinct values per channel (per tensor), pruned zeros
     included as exact zeros.
 
@@ -450,17 +452,42 @@ def freeze(model: nn.Module) -> nn.Module:
         q = weight_quantizer(layer)
         if q is None:
             continue
-        chain = layer.parametrizations.weight
-        w = chain.original
-        for p in chain:  # everything before the quantiser (e.g. the pruning mask)
-            if p is q:
-                break
-            w = p(w)
-        q.observe(w)
-        chain.original.copy_(fake_quantise(w, q.spec, q.scale, q.zero_point))
+        w = quantiser_input(layer)
+        if q.learning:
+            q.fix_scale()  # keep the learned step: it is the grid the network was trained for
+        else:
+            q.observe(w)
+        layer.parametrizations.weight.original.copy_(fake_quantise(w, q.spec, q.scale, q.zero_point))
         q.track = False
         q.set_subset(None)
+    for a in act_quantizers(model).values():
+        a.fix_scale()
     return model.eval()
+
+
+@torch.no_grad()
+def quantiser_input(layer: nn.Module) -> torch.Tensor:
+    """The weight a layer's WeightQuantizer receives: the stored weight through what comes before it (a pruning mask).
+
+    Args:
+        layer: a Conv2d or Linear layer with a :class:`WeightQuantizer`.
+
+    Returns:
+        A tensor shaped like the weight (no autograd history).
+
+    Raises:
+        ValueError: the layer's weight is not quantised.
+    """
+    q = weight_quantizer(layer)
+    if q is None:
+        raise ValueError(f"{type(layer).__name__} layer has no WeightQuantizer on its weight")
+    chain = layer.parametrizations.weight
+    w = chain.original
+    for p in chain:  # everything before the quantiser (e.g. the pruning mask)
+        if p is q:
+            break
+        w = p(w)
+    return w.detach()
 
 
 def distinct_values(model: nn.Module) -> pd.DataFrame:

@@ -23,18 +23,55 @@ from torch import nn
 from .._args import check_choice, check_float
 from ..distributed import all_reduce_min_max, all_reduce_sum, is_distributed
 from .grid import Grid
+from .lsq import fake_quantise_learned, lsq_grad_factor, lsq_init
 from .spec import QuantSpec
 from .tensor import (MIN_SCALE, SCALE_METHODS, _check_scale, _fake_quantise, check_finite, compute_qparams,
                      qparams_from_range, quantise)
 
-__all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS"]
+__all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS", "SCALE_INITS"]
 
 ACT_METHODS = ("max", "percentile")
+#: How a learned step starts: ``"lsq"`` (``2 * mean|w| / sqrt(quant_max)``) or ``"current"`` (the scale it has).
+SCALE_INITS = ("lsq", "current")
 
 
 def _stamp(t: torch.Tensor) -> tuple:
     """Where a tensor's values live and how often they were written in place: equal stamps, same values."""
     return t.data_ptr(), t._version
+
+
+class _LearnedScale:
+    """What weight and activation quantisers share: switching ``scale`` between a buffer and a learned parameter."""
+
+    @property
+    def learning(self) -> bool:
+        """True while ``scale`` is a learned ``nn.Parameter`` (see :mod:`nnlab.quant.lsq`)."""
+        return isinstance(self.scale, nn.Parameter)
+
+    def _make_learned(self, start: torch.Tensor) -> None:
+        start = start.detach().to(device=self.scale.device, dtype=torch.float32).clamp(min=MIN_SCALE)
+        del self.scale  # the buffer
+        self.scale = nn.Parameter(start.clone())
+
+    def fix_scale(self) -> None:
+        """Stop learning the step: ``scale`` becomes a buffer again, holding the learned value.
+
+        The state dict keeps the key ``scale`` either way, so a model saved
+        after :func:`nnlab.quant.freeze` loads into an ordinary quantised model.
+        """
+        if not self.learning:
+            return
+        value = self.scale.detach().clone()
+        del self.scale
+        self.register_buffer("scale", value)
+        self._checked = None
+
+    def _learned_scale(self) -> torch.Tensor:
+        """The learned step, kept positive: an optimiser step below :data:`MIN_SCALE` is clamped back in place."""
+        if self.training:
+            with torch.no_grad():
+                self.scale.clamp_(min=MIN_SCALE)
+        return self.scale
 
 
 class FixedMask(nn.Module):
@@ -53,7 +90,7 @@ class FixedMask(nn.Module):
         return w * self.mask
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizer(_LearnedScale, nn.Module):
     """Parametrization that fake-quantises a weight: ``w -> fake_quantise(w, spec, scale, zero_point)``.
 
     Register it with :func:`torch.nn.utils.parametrize.register_parametrization`
@@ -83,6 +120,9 @@ class WeightQuantizer(nn.Module):
         fraction: None (quantise every weight) or the share in [0, 1] of
             weights quantised during training (random-subset retraining; the
             others stay float).  Evaluation always quantises every weight.
+        learning: True after :meth:`learn_scale`: ``scale`` is an
+            ``nn.Parameter`` trained by gradient descent (LSQ) instead of a
+            buffer set from the weights; :meth:`fix_scale` ends it.
     """
 
     label = "the weight"  # what errors call it (set per layer by attach_quantisers)
@@ -160,7 +200,39 @@ class WeightQuantizer(nn.Module):
             where = generator.device if generator is not None else "cpu"
             self.priority = torch.rand(self.shape, generator=generator, device=where).to(self.scale.device)
 
+    def learn_scale(self, weight: torch.Tensor, init: str = "lsq") -> None:
+        """Make the step a learned parameter (LSQ, see :mod:`nnlab.quant.lsq`).
+
+        From now on ``scale`` is an ``nn.Parameter``: an optimiser built
+        afterwards trains it, with the gradient of :func:`nnlab.quant.lsq.fake_quantise_learned`
+        scaled by ``1 / sqrt(N * quant_max)`` (``N``: weights per scale).  It no
+        longer follows the weights (``track`` is ignored while learning).
+
+        Args:
+            weight: the weight the quantiser receives (after any pruning mask):
+                sets the first step for ``init="lsq"``.
+            init: ``"lsq"`` (``2 * mean|w| / sqrt(quant_max)`` over the non-zero
+                weights) or ``"current"`` (keep the present scale, e.g. the max-based one).
+
+        Raises:
+            ValueError: an unknown ``init``, a spec with a zero point (only
+                symmetric weight grids are learned), or ``weight`` holding NaN or infinite values.
+        """
+        check_choice("init", init, SCALE_INITS)
+        if not (self.spec.symmetric and self.spec.signed):
+            raise ValueError(f"learn_scale needs a symmetric signed weight spec, got {self.spec}")
+        check_finite(weight, self.label)
+        per_scale = weight.numel() // max(1, self.scale.numel())
+        self.grad_factor = lsq_grad_factor(per_scale, self.spec)
+        self._make_learned(lsq_init(weight, self.spec) if init == "lsq" else self.scale)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.learning:
+            wq = fake_quantise_learned(w, self.spec, self._learned_scale(), self.zero_point, self.grad_factor,
+                                       name=self.label)
+            if self.training and self.fraction is not None and self.fraction < 1.0:
+                wq = torch.where(self.priority < self.fraction, wq, w)
+            return wq
         if self.training and self.track:
             self.follow(w)
         # The scale follows w while tracking (finite for a finite w, which is checked); otherwise it is checked
@@ -182,10 +254,11 @@ class WeightQuantizer(nn.Module):
         return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
 
     def extra_repr(self) -> str:
-        return f"spec={self.spec}, method={self.method!r}"
+        learned = ", learned scale" if self.learning else ""
+        return f"spec={self.spec}, method={self.method!r}{learned}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_LearnedScale, nn.Module):
     """Fake-quantises the activations that flow through it; calibrated on a few batches first.
 
     In calibration mode it passes values through unchanged and records their
@@ -206,6 +279,8 @@ class ActQuantizer(nn.Module):
         spec, scale, zero_point: as for :class:`WeightQuantizer` (per tensor).
         calibrating: True while observing.
         lo, hi, batches: buffers with the observed range and the batch count.
+        learning: True after :meth:`learn_scale` (the step is a learned
+            ``nn.Parameter``, LSQ); :meth:`fix_scale` ends it.
     """
 
     label = "the activations"  # what errors call it (set per quantiser by attach_quantisers and calibrate)
@@ -303,10 +378,33 @@ class ActQuantizer(nn.Module):
             raise ValueError("this activation quantiser is still calibrating; run nnlab.quant.calibrate first")
         return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
 
+    def learn_scale(self, init: str = "current") -> None:
+        """Make the step a learned parameter (LSQ, see :mod:`nnlab.quant.lsq`); the zero point stays fixed.
+
+        The step's gradient is scaled by ``1 / sqrt(N * quant_max)``, ``N``
+        being the number of values one sample sends through the quantiser.
+
+        Args:
+            init: ``"current"`` (start from the calibrated scale).  (``"lsq"``
+                needs the activations themselves; it is refused here.)
+
+        Raises:
+            ValueError: the quantiser is still calibrating, or ``init`` is not ``"current"``.
+        """
+        check_choice("init", init, ("current",))
+        if self.calibrating:
+            raise ValueError(f"{self.label}: calibrate the activation quantiser before learning its scale "
+                             f"(nnlab.quant.calibrate)")
+        self._make_learned(self.scale)
+
     def forward(self, x):
         if self.calibrating:
             self._observe(x)
             return x
+        if self.learning:
+            per_sample = x[0].numel() if x.dim() > 1 else x.numel()
+            return fake_quantise_learned(x, self.spec, self._learned_scale(), self.zero_point,
+                                         lsq_grad_factor(per_sample, self.spec), name=self.label)
         if self._checked != _stamp(self.scale):  # a new scale (calibration, load_state_dict): check it once
             _check_scale(self.scale, self.label)
             self._checked = _stamp(self.scale)

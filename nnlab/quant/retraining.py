@@ -25,6 +25,17 @@ they move, and activation grids keep their calibrated ranges.
 
 In both methods, weights inside the quantised subset receive the
 straight-through gradient.
+
+Scales (``scales``):
+
+* ``"follow"``: each weight scale follows its weights (``max|w| / quant_max``,
+  times the clipping ratio found by the scale method); activation scales keep
+  their calibrated values.  The scales get no gradient.
+* ``"learned"``: every scale is an ``nn.Parameter`` trained with the weights
+  (LSQ, :mod:`nnlab.quant.lsq`): weight steps start at ``2 * mean|w| /
+  sqrt(quant_max)``, activation steps at their calibrated values.  At 2 bits
+  this lets training choose a finer step than ``max|w|`` gives, with the largest
+  weights clipped.  :func:`freeze` keeps the learned grids.
 """
 
 from __future__ import annotations
@@ -39,12 +50,15 @@ from torch import nn
 from .._args import check_choice, check_float, check_int, check_positive_int
 from ..distributed import is_distributed, shared_generator
 from ..train import Callback, evaluate, fit
-from .model import act_quantizers, attach_quantisers, freeze, quantise_model, weight_layers, weight_quantizer
+from .model import (act_quantizers, attach_quantisers, freeze, quantise_model, quantiser_input, weight_layers,
+                    weight_quantizer)
 
-__all__ = ["METHODS", "SCHEDULES", "RandomSubset", "retrain", "pretrained_quantised"]
+__all__ = ["METHODS", "SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
 
 METHODS = ("ste", "random_subset")
 SCHEDULES = ("linear", "steps", "constant")
+#: How scales behave while retraining: follow the weights (no gradient), or learned (LSQ).
+SCALE_MODES = ("follow", "learned")
 
 
 def _quantizers(model):
@@ -137,6 +151,7 @@ def retrain(
     epochs: int = 3,
     *,
     method: str = "random_subset",
+    scales: str = "follow",
     schedule: str | Callable = "linear",
     start: float = 0.25,
     full_at: float = 0.75,
@@ -155,6 +170,9 @@ def retrain(
         epochs: passes over the training data.
         method: ``"ste"`` (every weight quantised, straight-through) or
             ``"random_subset"`` (a growing random subset; see the module docstring).
+        scales: ``"follow"`` (weight scales follow max |w|, activation scales
+            stay as calibrated) or ``"learned"`` (every scale is trained, LSQ;
+            see the module docstring).
         schedule, start, full_at, stages, redraw: the random-subset schedule
             (see :class:`RandomSubset`); ignored for ``"ste"``.
         lr: peak learning rate (small: the weights start trained).
@@ -168,9 +186,10 @@ def retrain(
         the random-subset method.
 
     Raises:
-        ValueError: unknown method, or a model without weight quantisers.
+        ValueError: unknown method or scales, or a model without weight quantisers.
     """
     check_choice("method", method, METHODS)
+    check_choice("scales", scales, SCALE_MODES)
     quantizers = _quantizers(model)
     if not quantizers:
         raise ValueError("model has no WeightQuantizer; quantise it first with nnlab.quant.quantise_model")
@@ -178,12 +197,21 @@ def retrain(
     if method == "random_subset":
         subset = RandomSubset(schedule, start=start, full_at=full_at, stages=stages, redraw=redraw)
         callbacks = (subset, *callbacks)
-    for q in quantizers:
-        q.track = True
-        q.set_subset(None)
     for a in act_quantizers(model).values():
         if a.calibrating:
             raise ValueError("calibrate the activation quantisers before retraining (nnlab.quant.calibrate)")
+    for layer in weight_layers(model).values():
+        q = weight_quantizer(layer)
+        if q is None:
+            continue
+        q.track = scales == "follow"
+        q.set_subset(None)
+        if scales == "learned" and not q.learning:
+            q.learn_scale(quantiser_input(layer), init="lsq")
+    if scales == "learned":
+        for a in act_quantizers(model).values():
+            if not a.learning:
+                a.learn_scale()
     try:
         history = fit(model, data, epochs, lr=lr, callbacks=callbacks,
                       desc=fit_options.pop("desc", f"retrain {method}"), **fit_options)
@@ -203,6 +231,7 @@ def pretrained_quantised(
     act_bits: int | None = 8,
     *,
     method: str = "random_subset",
+    scales: str = "follow",
     epochs: int | None = None,
     sparsity: float | None = None,
     granularity: str = "per_channel",
@@ -224,6 +253,7 @@ def pretrained_quantised(
         model: baseline name, e.g. ``"lenet5"``.
         weight_bits, act_bits: bit-depths (act_bits None: float activations).
         method: ``"ste"``, ``"random_subset"`` or ``"ptq"`` (no retraining).
+        scales: ``"follow"`` or ``"learned"`` (LSQ), as for :func:`retrain`.
         epochs: retraining epochs; default 3 (1 in quick mode).
         sparsity: start from the pruned network of this sparsity (e.g. 0.9).
         granularity: weight scales ``"per_channel"`` or ``"per_tensor"``.
@@ -246,6 +276,9 @@ def pretrained_quantised(
     check_quantised_arguments(model, weight_bits, act_bits, method=method, epochs=epochs, sparsity=sparsity,
                               granularity=granularity, overrides=overrides, lr=lr, data=data, device=device,
                               seed=seed, quick=quick, verbose=verbose)
+    check_choice("scales", scales, SCALE_MODES)
+    if scales == "learned" and method == "ptq":
+        raise ValueError("scales='learned' needs retraining; method 'ptq' does not train (use 'ste' or 'random_subset')")
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
     if data is None:
@@ -264,6 +297,8 @@ def pretrained_quantised(
     spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
             "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
             "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
+    if scales != "follow":  # entries retrained with scales that follow the weights keep their cache keys
+        spec["scales"] = scales
 
     def build():
         if verbose:
@@ -273,7 +308,8 @@ def pretrained_quantised(
                   f"({method}; done once, then cached) ...")
         qmodel = quantise_model(base(device), data, weight_bits, act_bits, **options)
         if method != "ptq":
-            retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
+            retrain(qmodel, data, epochs, method=method, scales=scales, lr=lr, seed=seed, device=device,
+                    progress=verbose)
         qmodel.to("cpu")
         metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in spec.items() if k != "data"}}
         return {"state_dict": qmodel.state_dict(), "metrics": metrics}
@@ -288,7 +324,8 @@ def pretrained_quantised(
         skeleton().load_state_dict(payload["state_dict"])
 
     sp = "" if sparsity is None else f"-sparse{round(100 * sparsity)}"
-    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}", spec, build,
+    lsq = "-lsq" if scales == "learned" else ""
+    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}{lsq}", spec, build,
                            validate=validate, verbose=verbose)
     net = skeleton()
     net.load_state_dict(payload["state_dict"])
