@@ -11,7 +11,9 @@ Modules, one subject each:
 * :mod:`nnlab.quant.retraining`: retraining for low bits (:func:`retrain`: straight-through
   or random-subset) and :func:`pretrained_quantised`, a cached retrained model;
 * :mod:`nnlab.quant.sensitivity`: which layers need more bits (:func:`bit_sensitivity`) and
-  which images quantisation hurts first (:func:`quantisation_by_difficulty`).
+  which images quantisation hurts first (:func:`quantisation_by_difficulty`);
+* :mod:`nnlab.quant.picker`: a bit-depth and a sparsity per layer chosen for a
+  budget of storage, energy or latency on the simulated NNA (:func:`pick_per_layer`).
 
 How a quantised model is represented
 ------------------------------------
@@ -76,6 +78,7 @@ from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_qua
                     distinct_values, freeze, quantise_model, quantised_weight, weight_layers, weight_quantizer)
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+from .picker import BUDGETS, PerLayerChoice, SensitivityTable, measure_sensitivity, pick_per_layer, solve_budget, uniform_settings
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
 from .grid import Grid
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
@@ -91,4 +94,6 @@ __all__ = [
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
     "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES",
     "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
+    "pick_per_layer", "measure_sensitivity", "solve_budget", "uniform_settings", "PerLayerChoice", "SensitivityTable",
+    "BUDGETS",
 ]
