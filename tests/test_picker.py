@@ -44,7 +44,7 @@ def test_sensitivity_table_has_every_option(table):
     assert (table.options.damage >= 0).all()
 
 
-@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.8])
+@pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.8])
 def test_storage_budget_is_respected_and_predicted_storage_is_the_saved_payload(model, data, table, fraction):
     lo, hi = table.cost_range("storage_B")
     budget = lo + fraction * (hi - lo)
@@ -76,7 +76,8 @@ def test_the_knapsack_finds_the_least_damage_that_fits(table):
     chosen = quant.solve_budget(table, "storage_B", budget, resolution=resolution)
     assert chosen["storage_B"].sum() + table.fixed["storage_B"] <= budget
     per_layer = [table.options[table.options.layer == n][["storage_B", "damage"]].to_numpy() for n in table.layers]
-    spare = len(table.layers) * (budget - table.fixed["storage_B"]) / resolution
+    floor = table.options.groupby("layer")["storage_B"].min().sum()
+    spare = len(table.layers) * (budget - table.fixed["storage_B"] - floor) / resolution
     best = min(sum(r[1] for r in combo) for combo in itertools.product(*per_layer)
                if sum(r[0] for r in combo) + table.fixed["storage_B"] <= budget - spare)
     assert chosen["damage"].sum() <= best + 1e-12
@@ -118,3 +119,25 @@ def test_bits_the_accelerator_cannot_run_are_refused(model, data):
         quant.measure_sensitivity(model, data, bits=(2, 8))
     with pytest.raises(ValueError, match="sparsities entry must be"):
         quant.measure_sensitivity(model, data, sparsities=(0.0, 1.0))
+
+
+def test_budget_explorer_moves_the_choice_with_the_slider(model, data, table):
+    from nnlab.widgets import BudgetExplorer, budget_explorer
+
+    explorer = budget_explorer(model, data, sensitivity=table, max_test=64)
+    assert explorer.image.value[:4] == b"\x89PNG" and "accuracy" in explorer.label.value
+    assert len(explorer.uniform) == len(BITS) * len(SPARSITIES) and explorer.uniform["accuracy"].between(0, 100).all()
+    image, label = explorer.image.value, explorer.label.value
+    explorer.slider.value = explorer.slider.min  # a slider move triggers an update
+    tight = dict(explorer.result)
+    assert tight["budget"] == pytest.approx(explorer.slider.min)
+    assert tight["storage_bytes"] <= explorer.slider.min
+    assert explorer.image.value != image and explorer.label.value != label
+    explorer.slider.value = explorer.slider.max
+    loose = dict(explorer.result)
+    assert loose["bits"] != tight["bits"]
+    assert set(loose["bits"].values()) == {16}, "the whole range affords the reference everywhere"
+    with pytest.raises(ValueError, match="budget must be one of"):
+        BudgetExplorer(model, data, budget="budget_watts", sensitivity=table)
+    with pytest.raises(ValueError, match="value must be a budget_bytes between"):
+        BudgetExplorer(model, data, sensitivity=table, value=1.0)

@@ -286,11 +286,12 @@ def measure_sensitivity(model: nn.Module, data, *, bits=None, sparsities=None, a
 def solve_budget(table: SensitivityTable, column: str, budget: float, *, resolution: int = 4000) -> pd.DataFrame:
     """The options (one per layer) of least total damage whose total ``column`` fits ``budget``.
 
-    A multiple-choice knapsack solved by dynamic programming: the budget left
-    for the weight layers is cut into ``resolution`` equal steps and every
-    option's cost is rounded *up* to whole steps, so the choice always fits
-    (it may miss a slightly better one that fits only by less than a step
-    per layer).
+    A multiple-choice knapsack solved by dynamic programming: what the
+    budget leaves once every layer's cheapest option is paid is cut into
+    ``resolution`` equal steps, and what each option costs above its layer's
+    cheapest is rounded *up* to whole steps, so the choice always fits (it
+    may miss a slightly better one that fits only by less than a step per
+    layer).
 
     Args:
         table: from :func:`measure_sensitivity`.
@@ -313,14 +314,22 @@ def solve_budget(table: SensitivityTable, column: str, budget: float, *, resolut
         raise ValueError(f"the budget ({budget:,.6g}) is below the cheapest network these options make "
                          f"({cheapest:,.6g}, every layer at its cheapest option); raise the budget or allow "
                          f"fewer bits or more zeros")
-    step = room / resolution
+    # Each layer's cheapest option is paid first; only what the others cost above it is cut into steps, so the
+    # cheapest combination always fits, however the rounding falls.
+    floor = table.options.groupby("layer", sort=False)[column].min()
+    room -= float(floor.sum())
+    step = max(room, 0.0) / resolution
     options = table.options
     inf = np.inf
     best = np.zeros(resolution + 1)  # best[u]: least damage of the layers so far within u steps
     picks = []
     for name in table.layers:
         rows = options[options["layer"] == name]
-        units = np.ceil(rows[column].to_numpy() / step - 1e-9).astype(np.int64)
+        extra = rows[column].to_numpy() - floor[name]
+        if step > 0:
+            units = np.ceil(extra / step - 1e-9).astype(np.int64)
+        else:  # no room above the cheapest options: only they fit
+            units = np.where(extra <= 0, 0, resolution + 1).astype(np.int64)
         damage = rows["damage"].to_numpy()
         new = np.full(resolution + 1, inf)
         arg = np.full(resolution + 1, -1, np.int64)
