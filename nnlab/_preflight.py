@@ -87,7 +87,7 @@ def check_common(model, dataset, source, seed, quick, verbose) -> None:
 
 
 def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, act_bits, method, hardware,
-                             device, seed, quick, l1, verbose):
+                             device, seed, quick, l1, verbose, budget=None):
     """Check every argument of :func:`nnlab.pipeline.compress` before any data is loaded or model trained.
 
     Returns:
@@ -120,6 +120,14 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
         if not hardware.min_bits <= bits <= hardware.max_bits:
             raise ValueError(f"{name}={bits} is outside what {hardware.name} supports "
                              f"({hardware.min_bits}..{hardware.max_bits} bits)")
+    if budget is not None:
+        from .quant.picker import BUDGETS, _budget
+
+        if not isinstance(budget, dict):
+            raise TypeError(f"budget must be a dict such as {{'budget_bytes': 20000}}, got {type(budget).__name__}")
+        for key in budget:
+            check_choice("budget key", key, BUDGETS)
+        _budget(budget)
     dev = resolve_device(device)
     spec = DATASETS[dataset]
     check_model_fits(model, (spec.channels, spec.size, spec.size), len(spec.classes), dataset)

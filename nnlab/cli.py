@@ -16,6 +16,12 @@ bars, and writes to ``--out``:
   model in quantize/dequantize form (:func:`nnlab.export.to_onnx`), which
   ONNX Runtime and model viewers such as Netron open.
 
+With ``--budget-bytes N`` (or ``--budget-energy-uj E``, ``--budget-latency-us
+T``) the baseline is also given a weight bit-depth and a sparsity per layer
+that fit that budget on the simulated NNA
+(:func:`nnlab.quant.pick_per_layer`); both reports and the terminal show
+the choice and its measured accuracy and costs.
+
 Both show how many sums overflowed the accelerator's accumulator (the
 ``saturated`` column of the stage table and of the per-layer report, and
 ``overflow`` in the JSON); when any did, the terminal says so too, with the
@@ -79,6 +85,18 @@ def _ranged_int(name, low, high):
     return parse
 
 
+def _positive_float(name):
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (value > 0 and value != float("inf")):
+            raise argparse.ArgumentTypeError(f"{name} must be a positive, finite number, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nnlab`` argument parser (built without loading PyTorch)."""
     from . import __version__
@@ -118,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--onnx", action="store_true",
                    help="also write model.onnx beside the report: the deployed network in ONNX's quantize/dequantize "
                         "form (needs the onnx package: pip install \"nnlab[onnx]\")")
+    budget = c.add_mutually_exclusive_group()
+    budget.add_argument("--budget-bytes", type=_positive_float("--budget-bytes"), default=None,
+                        help="also choose a weight bit-depth and a sparsity per layer so that the NNA stores at "
+                             "most this many bytes of weights and parameters")
+    budget.add_argument("--budget-energy-uj", type=_positive_float("--budget-energy-uj"), default=None,
+                        help="the same for a budget of energy per inference, in microjoules")
+    budget.add_argument("--budget-latency-us", type=_positive_float("--budget-latency-us"), default=None,
+                        help="the same for a budget of latency per inference, in microseconds")
     c.add_argument("--out", required=True, type=Path, help="directory for report.html and report.json")
     return parser
 
@@ -173,9 +199,23 @@ def write_report(result, out: Path) -> dict:
     stages = result.stages
     head = result.headline()
     overflow = getattr(result, "overflow", None)
+    choice = getattr(result, "choice", None)
     doc = {"settings": result.settings, "data": result.data_description, "headline": head,
            "stages": stages.to_dict(orient="records"), "seconds": result.seconds, "overflow": overflow,
            "nna_layers": result.report.to_dict(orient="records")}
+    choice_html = ""
+    if choice is not None:
+        doc["per_layer_choice"] = {"budget": choice.budget, "how": choice.how,
+                                   "predicted": choice.predicted, "measured": choice.measured,
+                                   "best_uniform": choice.best_uniform,
+                                   "layers": choice.layers.to_dict(orient="records")}
+        b = choice.budget
+        choice_html = f"""<h2>Per-layer bit-depths and sparsities for a budget</h2>
+<p>Budget: <code>{html.escape(b['name'])} = {b['value']:,.6g} {html.escape(b['unit'])}</code>, chosen from the
+fp32 baseline by measured per-layer sensitivity (no retraining; choice: {html.escape(choice.how)}).
+Measured: <b>{choice.measured['accuracy']:.2f}%</b> accuracy, {choice.measured['storage_bytes']:,} bytes,
+{choice.measured['energy_uj']:.3f} uJ, {choice.measured['latency_us']:.3f} us per inference.</p>
+{choice.layers.to_html(index=False, border=0, float_format=lambda v: f"{v:,.4g}")}"""
 
     figs = []
     for x, label in (("energy_uj", "energy per inference (uJ)"), ("storage_bytes", "weight storage (bytes)")):
@@ -221,6 +261,7 @@ network that overflowed the accelerator's accumulator (only the NNA stage has on
 {result.report.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:,.3f}")}
 <p><i>saturated</i>: sums that overflowed the accumulator in this layer, over the test images;
 <i>sum_bits</i>: bits the widest sum needed.</p>
+{choice_html}
 </body></html>"""
     _atomic_write(out / "report.html", page)
     doc = _finite(doc)
@@ -311,6 +352,11 @@ def _main(argv) -> int:
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
                    method=args.method, hardware=hardware, device=args.device, seed=args.seed,
                    quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress)
+    budgets = {"budget_bytes": args.budget_bytes, "budget_energy_uj": args.budget_energy_uj,
+               "budget_latency_us": args.budget_latency_us}
+    budgets = {k: v for k, v in budgets.items() if v is not None}
+    if budgets:
+        options["budget"] = budgets
     try:
         check_compress_arguments(args.model, args.dataset, **options)
     except (ValueError, TypeError) as exc:
@@ -348,6 +394,13 @@ def _main(argv) -> int:
           f"report: {args.out / 'report.html'}")
     if args.onnx:
         print(f"ONNX model: {onnx_path} ({onnx_path.stat().st_size:,} bytes)")
+    choice = getattr(result, "choice", None)
+    if choice is not None:
+        b = choice.budget
+        print(f"per-layer choice for {b['name'].replace('_', '-')} {b['value']:,.6g} {b['unit']}: accuracy "
+              f"{choice.measured['accuracy']:.2f}% | storage {choice.measured['storage_bytes']:,} B | energy "
+              f"{choice.measured['energy_uj']:.3f} uJ | latency {choice.measured['latency_us']:.3f} us | bits "
+              f"{choice.bits} | zeros {choice.sparsity}")
     if result.overflow:
         print(f"nnlab compress: warning: {result.overflow['message']}", file=sys.stderr)
     return 0

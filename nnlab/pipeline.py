@@ -30,6 +30,13 @@ warns (:class:`nnlab.nna.AccumulatorOverflowWarning`) with the layers, the
 accumulator width that holds every sum and the accuracy the simulator gives
 with it (``CompressionResult.overflow``).
 
+With a ``budget`` (``{"budget_bytes": N}``, ``{"budget_energy_uj": E}`` or
+``{"budget_latency_us": T}``), the baseline is also handed to
+:func:`nnlab.quant.pick_per_layer`, which chooses a weight bit-depth and a
+sparsity per layer so that the simulated NNA fits the budget (no
+retraining); its choice is ``CompressionResult.choice``, outside the stage
+table.
+
 Costs: the float stages are costed on the fp32 baseline accelerator
 (:data:`nnlab.nna.FP32_BASELINE`: dense float32 storage, no zero
 skipping, so pruning alone buys nothing there until the weights are
@@ -90,6 +97,8 @@ class CompressionResult:
             ``accuracy_without_overflow`` (percent, simulated with the
             needed width; None beyond the 48 bits the engine simulates) and
             ``message`` (the warning).
+        choice: with a ``budget``, the :class:`nnlab.quant.PerLayerChoice`
+            of the baseline for it; else None.
     """
 
     stages: pd.DataFrame
@@ -100,6 +109,7 @@ class CompressionResult:
     data_description: str = ""
     seconds: float = 0.0
     overflow: dict | None = None
+    choice: object = field(default=None, repr=False)
 
     def headline(self) -> dict:
         """The figures of the deployed stage against the fp32 baseline."""
@@ -203,6 +213,7 @@ def compress(
     quick: bool | None = None,
     l1: bool = False,
     verbose: bool = True,
+    budget: dict | None = None,
 ) -> CompressionResult:
     """Run baseline -> prune -> distill -> (L1) -> PTQ -> retrain -> NNA, and cost every stage.
 
@@ -221,6 +232,9 @@ def compress(
         l1: also run stage 4, the L1-regularisation side branch (off by default: the deployed
             network does not use it, and it is the longest stage of a cold run).
         verbose: print progress.
+        budget: also choose per-layer bit-depths and sparsities for one budget on the
+            simulated NNA: ``{"budget_bytes": N}``, ``{"budget_energy_uj": E}`` or
+            ``{"budget_latency_us": T}`` (see :func:`nnlab.quant.pick_per_layer`).
 
     Returns:
         A :class:`CompressionResult`.
@@ -231,7 +245,7 @@ def compress(
 
     sparsity, hardware, dev = check_compress_arguments(
         model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
-        hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose)
+        hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose, budget=budget)
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 
@@ -281,15 +295,22 @@ def compress(
     rows.append(figures)
     models["NNA (integer)"] = program
 
+    choice = None
+    if budget is not None:
+        if verbose:
+            print(f"Choosing per-layer bit-depths and sparsities for {budget} ...")
+        choice = quant.pick_per_layer(baseline, data, **budget, act_bits=act_bits, hardware=hardware, seed=seed,
+                                      progress=verbose)
+
     stages = pd.DataFrame(rows)
     stages["saturated"] = pd.Series([row.get("saturated") for row in rows], dtype=object)
     settings = {"model": model, "dataset": dataset, "source": data.source, "sparsity": sparsity,
                 "weight_bits": weight_bits, "act_bits": act_bits, "method": method, "hardware": hardware.name,
                 "accumulator_bits": hardware.accumulator_bits,
-                "device": str(dev), "seed": seed, "quick": quick}
+                "device": str(dev), "seed": seed, "quick": quick, "budget": budget}
     return CompressionResult(stages=stages, settings=settings, models=models, program=program, report=table,
                              data_description=data.description, seconds=time.perf_counter() - start,
-                             overflow=overflow)
+                             overflow=overflow, choice=choice)
 
 
 def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:

@@ -35,6 +35,12 @@ def test_help_documents_every_option(capsys):
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--device", "gpu0"], "--device: device must be"),
     (["--method", "magic"], "invalid choice: 'magic'"),
+    (["--budget-bytes", "0"], "--budget-bytes must be a positive, finite number"),
+    (["--budget-bytes", "-100"], "--budget-bytes must be a positive, finite number"),
+    (["--budget-energy-uj", "nan"], "--budget-energy-uj must be a positive, finite number"),
+    (["--budget-latency-us", "inf"], "--budget-latency-us must be a positive, finite number"),
+    (["--budget-bytes", "20kB"], "--budget-bytes must be a number"),
+    (["--budget-bytes", "20000", "--budget-latency-us", "3"], "not allowed with argument"),
 ])
 def test_bad_options_are_refused_before_training(monkeypatch, capsys, tmp_path, args, message):
     def no_training(*a, **k):
@@ -182,3 +188,16 @@ def test_16_bit_overflow_shows_in_the_terminal_and_both_reports(tmp_path):
     assert f"at least {overflow['accumulator_bits_needed']} bits" in proc.stderr
     page = (tmp_path / "report.html").read_text()
     assert 'class="warning"' in page and f"{n:,} sums saturated" in page
+
+
+def test_a_budget_reaches_the_pipeline(monkeypatch, tmp_path, capsys):
+    seen = {}
+
+    def record(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stopped after the options were checked")
+
+    monkeypatch.setattr(pipeline, "compress", record)
+    status = cli.main(["compress", "--out", str(tmp_path / "out"), "--budget-bytes", "20000", "--no-progress"])
+    assert status == 1 and "stopped after the options were checked" in capsys.readouterr().err
+    assert seen["budget"] == {"budget_bytes": 20000.0}

@@ -14,7 +14,9 @@ Modules, one subject each:
 * :mod:`nnlab.quant.lsq`: learned quantisation steps (LSQ): the scale as a
   parameter with its own gradient;
 * :mod:`nnlab.quant.sensitivity`: which layers need more bits (:func:`bit_sensitivity`) and
-  which images quantisation hurts first (:func:`quantisation_by_difficulty`).
+  which images quantisation hurts first (:func:`quantisation_by_difficulty`);
+* :mod:`nnlab.quant.picker`: a bit-depth and a sparsity per layer chosen for a
+  budget of storage, energy or latency on the simulated NNA (:func:`pick_per_layer`).
 
 How a quantised model is represented
 ------------------------------------
@@ -81,6 +83,8 @@ from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_qua
 from .lsq import fake_quantise_learned, lsq_grad_factor, lsq_init
 from .modules import ACT_METHODS, SCALE_INITS, ActQuantizer, FixedMask, WeightQuantizer
 from .retraining import METHODS, SCALE_MODES, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+from .picker import (BUDGETS, PerLayerChoice, SensitivityTable, measure_sensitivity, pick_per_layer, solve_budget,
+                     uniform_settings)
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
 from .grid import Grid
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
@@ -97,4 +101,6 @@ __all__ = [
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
     "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES", "SCALE_MODES",
     "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
+    "pick_per_layer", "measure_sensitivity", "solve_budget", "uniform_settings", "PerLayerChoice", "SensitivityTable",
+    "BUDGETS",
 ]

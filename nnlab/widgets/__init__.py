@@ -3,3 +3,4 @@
 from .coring import *  # noqa: F401,F403
 from .bits import *  # noqa: F401,F403
 from .nna import *  # noqa: F401,F403
+from .budget import *  # noqa: F401,F403
