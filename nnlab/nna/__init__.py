@@ -10,7 +10,7 @@ Three separate things, as in SCALE-Sim and Timeloop:
   its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
   compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
   quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
-  by PyTorch's own int8 flow (:func:`compile_torch_int8`, with
+  by PyTorch's own int8 flow, eager or FX (:func:`compile_torch_int8`, with
   :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
   integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed and stored
   (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
@@ -26,7 +26,8 @@ Example:
     >>> nnlab.nna.report(program, nnlab.nna.SERIES2NX)
 """
 
-from .compiler import compile_model, compile_torch_int8, output_shapes, requantise_weights, torch_conv_kernel
+from .compiler import (compile_model, compile_torch_int8, output_shapes, requantise_weights, torch_conv_kernel,
+                       torch_linear_kernel)
 from .config import FP32_BASELINE, PACKINGS, PRESETS, SERIES2NX, SPARSE_FORMATS, EnergyTable, NNAConfig
 from .engine import MODES, Result, predict, run
 from .packing import bit_layout, decode_weights, encode_weights, pack, packed_bytes, unpack
@@ -40,6 +41,7 @@ __all__ = [
     "NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS",
     "Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer", "ConcatLayer",
     "compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
+    "torch_linear_kernel",
     "quantise_torch_int8", "layer_outputs",
     "run", "predict", "Result", "MODES",
     "pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights",
