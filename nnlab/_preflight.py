@@ -99,6 +99,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     """
     from . import nna
     from .cache import check_model_fits
+    from .nna.engine import accumulator_width
     from .quant import METHODS
     from .train import resolve_device
 
@@ -111,6 +112,10 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     hardware = nna.SERIES2NX if hardware is None else hardware
     if not isinstance(hardware, nna.NNAConfig):
         raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")
+    try:
+        accumulator_width(hardware)  # an integer accelerator whose accumulator the engine simulates
+    except ValueError as exc:
+        raise ValueError(f"hardware: {exc}") from None
     for name, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
         if not hardware.min_bits <= bits <= hardware.max_bits:
             raise ValueError(f"{name}={bits} is outside what {hardware.name} supports "

@@ -64,6 +64,13 @@ RECIPES = {
     "lenet5": {"epochs": (12, 2), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-mnist": {"epochs": (8, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-cifar": {"epochs": (30, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "mobilenet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "mobilenet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "resnet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "resnet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "torchvision:resnet18": {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "torchvision:mobilenet_v2": {"epochs": (3, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
+                                 "augment": True},
 }
 
 
@@ -227,11 +234,9 @@ def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callab
 
 def model_kwargs(model: str, input_shape: tuple) -> dict:
     """The constructor arguments that adapt ``model`` to images of ``input_shape`` ``(C, H, W)``."""
-    if model.startswith("vgg"):
-        return {"in_channels": input_shape[0], "input_size": input_shape[1]}
-    if model == "lenet5":
-        return {"in_channels": input_shape[0]}
-    return {}
+    from .models import data_kwargs
+
+    return data_kwargs(model, input_shape)
 
 
 def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, dataset: str | None = None) -> None:
@@ -293,7 +298,7 @@ def pretrained(
     import torch
 
     from .data import DataBundle, load_data, make_loader
-    from .models import build_model
+    from .models import MODELS, build_model
     from .train import evaluate, fit, resolve_device
 
     check_common(model, dataset if data is None else None, source, seed, quick, verbose)
@@ -310,7 +315,11 @@ def pretrained(
     else:
         check_model_fits(model, data.input_shape, data.num_classes, data.name)
     kwargs = model_kwargs(model, data.input_shape)
-    spec = {"model": model, "model_kwargs": kwargs, "num_classes": data.num_classes,
+    # Every constructor argument enters the cache key, the registered ones (a stem's stride, a width ...) as well
+    # as those that fit the images, so that a changed architecture never loads weights trained for another.
+    cls, defaults = MODELS[model]
+    architecture = {"builder": getattr(cls, "__qualname__", repr(cls)), **defaults, **kwargs}
+    spec = {"model": model, "model_kwargs": kwargs, "architecture": architecture, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}
 
     def build():
@@ -335,7 +344,7 @@ def pretrained(
         fresh().load_state_dict(payload["state_dict"])
         float(payload["metrics"]["top1"])
 
-    name = f"{model}-{data.name}-{data.source}"
+    name = f"{model.replace(':', '-')}-{data.name}-{data.source}"  # no ':' in file names (Windows)
     payload = cached(name, spec, build, validate=validate, verbose=verbose)
     net = fresh()
     net.load_state_dict(payload["state_dict"])

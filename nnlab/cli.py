@@ -10,7 +10,13 @@ bars, and writes to ``--out``:
 * ``report.html``: a self-contained page (tables and plots inlined) with
   the stage table, the accuracy/energy and accuracy/bytes plots and the
   simulator's per-layer report;
-* ``report.json``: the same figures, for scripts.
+* ``report.json``: the same figures, for scripts (strict JSON: a figure
+  that does not exist, such as the bit-depth of a pooling layer, is ``null``).
+
+Both show how many sums overflowed the accelerator's accumulator (the
+``saturated`` column of the stage table and of the per-layer report, and
+``overflow`` in the JSON); when any did, the terminal says so too, with the
+accumulator width that would hold them and the accuracy it gives.
 
 Every option (and every ``NNLAB_*`` environment variable) is checked
 before any training starts; options are parsed before PyTorch is even
@@ -31,12 +37,17 @@ import html
 import io
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "write_report"]
+
+
+#: The device strings PyTorch accepts (whether this machine has the device is checked once PyTorch is loaded).
+_DEVICE = re.compile(r"^((cpu|cuda|mps)(:[0-9]+)?|auto)$")
 
 
 def _ranged_float(name, low, high, high_open=False):
@@ -136,7 +147,8 @@ _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px
 table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;
 text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .headline{font-size:15px;background:#f6f9ff;border:1px solid #cde;padding:.8em 1.2em}
-img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}"""
+img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}
+.warning{font-size:15px;background:#fff4e5;border:1px solid #f0b060;padding:.8em 1.2em;margin:1em 0}"""
 
 
 def write_report(result, out: Path) -> dict:
@@ -152,9 +164,10 @@ def write_report(result, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = result.stages
     head = result.headline()
+    overflow = getattr(result, "overflow", None)
     doc = {"settings": result.settings, "data": result.data_description, "headline": head,
-           "stages": stages.to_dict(orient="records"), "seconds": result.seconds,
-           "nna_layers": result.report.drop(columns=[], errors="ignore").to_dict(orient="records")}
+           "stages": stages.to_dict(orient="records"), "seconds": result.seconds, "overflow": overflow,
+           "nna_layers": result.report.to_dict(orient="records")}
 
     figs = []
     for x, label in (("energy_uj", "energy per inference (uJ)"), ("storage_bytes", "weight storage (bytes)")):
@@ -166,8 +179,16 @@ def write_report(result, out: Path) -> dict:
     shown = stages.copy()
     shown["sparsity"] = (100 * shown["sparsity"]).round(1).astype(str) + "%"
     fmt = {"accuracy": "{:.2f}".format, "energy_uj": "{:.3f}".format, "latency_us": "{:.3f}".format,
-           "compression": "{:.1f}x".format, "energy_ratio": "{:.1f}x".format, "storage_bytes": "{:,}".format}
+           "compression": "{:.1f}x".format, "energy_ratio": "{:.1f}x".format, "storage_bytes": "{:,}".format,
+           "saturated": lambda v: "" if v is None or v != v else f"{int(v):,}"}
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+    if overflow:
+        warning = f"""<div class="warning"><b>Warning:</b> {html.escape(overflow['message'])}.</div>"""
+    elif head.get("saturated") == 0:
+        warning = (f"<p>No sum overflowed the {result.settings.get('accumulator_bits', '?')}-bit accumulator on the "
+                   f"test images.</p>")
+    else:
+        warning = ""
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <title>nnlab compress: {html.escape(result.settings['model'])}</title><style>{_CSS}</style></head><body>
 <h1>nnlab compress: {html.escape(result.settings['model'])} on {html.escape(result.settings['dataset'])}</h1>
@@ -178,20 +199,40 @@ def write_report(result, out: Path) -> dict:
 <b>{head['compression']:.1f}x</b> less storage ({head['nna_bytes']:,} bytes vs {head['fp32_bytes']:,}),
 <b>{head['energy_ratio']:.1f}x</b> less energy per inference
 ({head['nna_energy_uj']:.3f} uJ vs {head['fp32_energy_uj']:.3f} uJ).</div>
+{warning}
 <h2>Every stage</h2>
-{shown.to_html(index=False, formatters=fmt, border=0)}
+{shown.to_html(index=False, formatters=fmt, border=0, na_rep="")}
 <p>Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
-integer accelerator, from the program the simulator runs.</p>
+integer accelerator, from the program the simulator runs. <i>saturated</i>: sums of the simulated
+network that overflowed the accelerator's accumulator (only the NNA stage has one).</p>
 <h2>Accuracy against cost</h2>
 <img alt="accuracy against energy" src="data:image/png;base64,{figs[0]}">
 <img alt="accuracy against storage" src="data:image/png;base64,{figs[1]}">
 <h2>Where the bytes and joules go (deployed network, per layer)</h2>
 <img alt="per-layer costs" src="data:image/png;base64,{figs[2]}">
-{result.report.to_html(index=False, border=0, float_format=lambda v: f"{v:,.3f}")}
+{result.report.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:,.3f}")}
+<p><i>saturated</i>: sums that overflowed the accumulator in this layer, over the test images;
+<i>sum_bits</i>: bits the widest sum needed.</p>
 </body></html>"""
     _atomic_write(out / "report.html", page)
-    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default))
+    doc = _finite(doc)
+    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
     return doc
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN), recursively."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def _json_default(value):
@@ -199,8 +240,6 @@ def _json_default(value):
 
     if isinstance(value, (np.integer,)):
         return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if np.isnan(value) else float(value)
     if isinstance(value, np.bool_):
         return bool(value)
     return str(value)
@@ -238,6 +277,18 @@ def _main(argv) -> int:
         parser.error(f"nnlab compress runs in one process, but WORLD_SIZE={world}: to train on several GPUs "
                      f"run `torchrun --nproc_per_node={world} benchmarks/ddp.py --device cuda ...` instead, "
                      f"or pick one GPU with `nnlab compress --device cuda:N`")
+    # Checks that need no PyTorch first, so that a mistyped option answers at once.
+    from .nna.config import PRESETS
+
+    hardware = PRESETS[args.hardware]
+    if not hardware.min_bits <= args.weight_bits <= hardware.max_bits:
+        parser.error(f"--weight-bits {args.weight_bits}: {hardware.name} supports "
+                     f"{hardware.min_bits}..{hardware.max_bits} bits per weight")
+    if not hardware.min_bits <= args.act_bits <= hardware.max_bits:
+        parser.error(f"--act-bits {args.act_bits}: {hardware.name} supports "
+                     f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
+    if not _DEVICE.match(args.device):
+        parser.error(f"--device: device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {args.device!r}")
     # From here on PyTorch is loaded.
     from .train import resolve_device
 
@@ -245,15 +296,6 @@ def _main(argv) -> int:
         resolve_device(args.device)
     except (ValueError, TypeError) as exc:
         parser.error(f"--device: {exc}")
-    from . import nna
-
-    hardware = nna.PRESETS[args.hardware]
-    if not hardware.min_bits <= args.weight_bits <= hardware.max_bits:
-        parser.error(f"--weight-bits {args.weight_bits}: {hardware.name} supports "
-                     f"{hardware.min_bits}..{hardware.max_bits} bits per weight")
-    if not hardware.min_bits <= args.act_bits <= hardware.max_bits:
-        parser.error(f"--act-bits {args.act_bits}: {hardware.name} supports "
-                     f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
     from ._preflight import check_compress_arguments
 
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
@@ -269,10 +311,14 @@ def _main(argv) -> int:
 
     from .pipeline import compress
 
+    from .nna.engine import AccumulatorOverflowWarning
+
     shown = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
-        result = compress(args.model, args.dataset, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccumulatorOverflowWarning)  # printed below, with the summary
+            result = compress(args.model, args.dataset, **options)
         write_report(result, args.out)
     except Exception as exc:  # one line, not a traceback: the options were sound, the run was not
         text = " ".join(str(exc).split()) or "(no message)"
@@ -281,9 +327,12 @@ def _main(argv) -> int:
     finally:
         warnings.formatwarning = shown
     head = result.headline()
-    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}% | storage "
+    overflow = f" | {head['saturated']:,} sums overflowed the accumulator" if head.get("saturated") else ""
+    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}%{overflow} | storage "
           f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "
           f"report: {args.out / 'report.html'}")
+    if result.overflow:
+        print(f"nnlab compress: warning: {result.overflow['message']}", file=sys.stderr)
     return 0
 
 

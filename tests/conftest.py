@@ -32,25 +32,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-#: Seconds nbval waits for a kernel's messages once a cell has finished (nbval's fixed default, 5 s, is too
-#: short on a busy machine: "Timeout of 5 seconds exceeded waiting for output").  A cell that raises still
-#: fails at once (its error message arrives with the others); only a kernel that stops answering waits this long.
-NBVAL_OUTPUT_TIMEOUT = 60
-#: Seconds nbval waits for a kernel to start (nbval's default 60), used unless given on the command line.
-NBVAL_KERNEL_STARTUP_TIMEOUT = 180
-
-
-def pytest_configure(config):
-    option = config.option
-    if getattr(option, "nbval_kernel_startup_timeout", None) == 60:  # nbval's default, not a user's choice
-        option.nbval_kernel_startup_timeout = NBVAL_KERNEL_STARTUP_TIMEOUT
+# nbval's waits for a busy kernel are raised in the repository's root conftest.py, which also applies when the
+# notebooks are run without the unit tests.
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        # nbval's notebook cells (IPyNbCell) keep the output wait in an attribute of their own.
-        if hasattr(item, "output_timeout") and hasattr(item, "cell_num"):
-            item.output_timeout = max(item.output_timeout, NBVAL_OUTPUT_TIMEOUT)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     if not torch.cuda.is_available():
         for item in items:

@@ -759,3 +759,553 @@ def test_self_check_with_required_checks_raises_assertion(monkeypatch, capsys):
     monkeypatch.setenv("NNLAB_REQUIRE_CHECKS", "1")
     with pytest.raises(AssertionError, match="NaN or infinite"):
         checks.fake_quantiser(_nan_like_first)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The simulator: saved programs carry a checksum; bad headers and versions are named; nothing non-finite
+# is quantised, compiled, simulated or saved; overflow is counted, reported and warned about.
+
+from nnlab import nna, prune, quant  # noqa: E402
+from nnlab.nna import storage  # noqa: E402
+from nnlab.nna.program import FlattenLayer, InputLayer, Program, WeightLayer  # noqa: E402
+from nnlab.quant import Grid, QuantSpec  # noqa: E402
+
+
+def _act_grid(scale, zero_point=0, bits=8):
+    return Grid(QuantSpec(bits, signed=False, symmetric=zero_point == 0), scale, zero_point)
+
+
+def _small_program(weight=None, bias_float=None) -> Program:
+    """Input -> 3x3 conv (4 channels, half zeros, ReLU) -> flatten -> linear (3 outputs)."""
+    rng = np.random.default_rng(0)
+    w = rng.integers(-7, 8, (4, 1, 3, 3)) * (rng.random((4, 1, 3, 3)) < 0.5) if weight is None else weight
+    conv = WeightLayer("conv", "conv2d", ("in",), w.astype(np.int32),
+                       Grid(QuantSpec.for_weights(4), np.full(4, 0.01), np.zeros(4, int)),
+                       np.arange(4, dtype=np.int32), _act_grid(0.05), _act_grid(0.1), activation=(0.0, None),
+                       bias_float=bias_float)
+    fc = WeightLayer("fc", "linear", ("flat",), rng.integers(-7, 8, (3, 16)).astype(np.int32),
+                     Grid(QuantSpec.for_weights(4), np.full(3, 0.02), np.zeros(3, int)), np.zeros(3, np.int32),
+                     _act_grid(0.1), None)
+    return Program([InputLayer("in", _act_grid(0.05), (1, 4, 4)), conv, FlattenLayer("flat", ("conv",),
+                                                                                      _act_grid(0.1)), fc], "small")
+
+
+def _images(n=8, seed=0):
+    return np.random.default_rng(seed).random((n, 1, 4, 4)).astype(np.float32)
+
+
+def test_every_flipped_byte_of_a_saved_program_is_detected(tmp_path):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    blob = path.read_bytes()
+    assert nna.load(path) == _small_program()
+    damaged = tmp_path / "d.nna"
+    for i in range(len(blob)):  # every byte, the low and the high bit
+        for bit in (0x01, 0x80):
+            b = bytearray(blob)
+            b[i] ^= bit
+            damaged.write_bytes(bytes(b))
+            with pytest.raises(storage.ProgramFileError):
+                nna.load(damaged)
+    assert len(blob) > 1000
+
+
+def test_flipped_bytes_anywhere_in_a_compiled_network_are_detected(tmp_path):
+    data = nd.load_data(train_limit=128, test_limit=64, verbose=False)
+    torch.manual_seed(0)
+    from nnlab.models import build_model
+
+    program = nna.compile_model(quant.quantise_model(build_model("lenet5"), data, 5, 8))
+    path = tmp_path / "lenet5.nna"
+    nna.save(program, path)
+    blob = path.read_bytes()
+    damaged = tmp_path / "d.nna"
+    for i in np.linspace(0, len(blob) - 1, 400).astype(int):
+        b = bytearray(blob)
+        b[i] ^= 0x04
+        damaged.write_bytes(bytes(b))
+        with pytest.raises(storage.ProgramFileError, match="is damaged: checksum mismatch|not a saved NNA|format"):
+            nna.load(damaged)
+    assert nna.load(path) == program and len(blob) > 10_000
+
+
+@pytest.mark.parametrize("cut,message", [
+    (0, "is empty, not a saved NNA program"), (3, "is truncated (3 bytes)"), (4, "is truncated"), (39, "is truncated"),
+    (40, "checksum mismatch"), (0.5, "checksum mismatch"), (-1, "checksum mismatch"),
+])
+def test_truncated_program_files_are_refused(tmp_path, cut, message):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: int(cut * len(blob)) if isinstance(cut, float) else cut])
+    with pytest.raises(storage.ProgramFileError, match=_literal(message)):
+        nna.load(path)
+
+
+@pytest.mark.parametrize("magic,message", [
+    (b"NNA1", "format 1, which this nnlab does not read (it reads format 3); compile and save the model again"),
+    (b"NNA2", "format 2, which this nnlab does not read"),
+    (b"NNA9", "unknown format b'9' (this nnlab reads format 3): a newer nnlab wrote it, or the file is damaged"),
+    (b"NNA\xb3", "unknown format"),
+    (b"PK\x03\x04", "not a saved NNA program (it does not start with b'NNA3')"),
+])
+def test_other_format_versions_are_named(tmp_path, magic, message):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    path.write_bytes(magic + path.read_bytes()[4:])
+    with pytest.raises(storage.ProgramFileError, match=_literal(message)):
+        nna.load(path)
+    with pytest.raises(storage.ProgramFileError, match=_literal(message)):
+        nna.read_header(path)
+
+
+def _rewrite_header(path, change):
+    """Rewrite a saved program's JSON header with ``change(header)`` and a valid checksum (a foreign writer)."""
+    import json
+
+    header, offset, data = storage._parse_header(path.read_bytes(), path)
+    new = change(header)
+    text = (json.dumps(new) if not isinstance(new, bytes) else new)
+    text = text.encode() if isinstance(text, str) else text
+    rest = len(text).to_bytes(4, "little") + text + data[offset:]
+    path.write_bytes(storage.MAGIC + hashlib.sha256(rest).digest() + rest)
+
+
+def _drop(key):
+    def change(h):
+        del h[key]
+        return h
+    return change
+
+
+def _layer_field(i, key, value=KeyError):
+    def change(h):
+        if value is KeyError:
+            del h["layers"][i][key]
+        else:
+            h["layers"][i][key] = value
+        return h
+    return change
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda h: [h], "unexpected header: a JSON list, not an object"),
+    (_drop("layers"), "unexpected header: it lacks 'layers'"),
+    (_drop("grids"), "unexpected header: it lacks 'grids'"),
+    (_layer_field(0, "kind"), "unexpected header (layer 0 'in': missing field 'kind')"),
+    (_layer_field(1, "kind", "softmax"), "unknown layer kind 'softmax'"),
+    (_layer_field(1, "encoding"), "unexpected header (layer 1 'conv': missing field 'encoding')"),
+    (_layer_field(1, "in_grid", 99), "unexpected header (layer 1 'conv'"),
+    (_layer_field(1, "weight_shape", "4x1x3x3"), "unexpected header (layer 1 'conv'"),
+    (_layer_field(3, "inputs", ["nowhere"]), "reads 'nowhere', which is not an earlier layer"),
+    (lambda h: {**h, "grids": [{"spec": {"bits": 8}, "scale": -1.0, "zero_point": 0}] + h["grids"][1:]},
+     "unexpected header"),
+    (lambda h: {**h, "grids": [{"spec": h["grids"][0]["spec"], "scale": float("nan"), "zero_point": 0}]
+                + h["grids"][1:]}, "scale must be positive and finite"),
+    (lambda h: b"\xff\xfe not json", "corrupt header"),
+])
+def test_an_unexpected_header_is_one_clear_error(tmp_path, change, message):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    _rewrite_header(path, change)
+    with pytest.raises(storage.ProgramFileError, match=_literal(message)):
+        nna.load(path)
+
+
+def test_trailing_bytes_after_the_body_are_refused(tmp_path):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    _rewrite_header(path, lambda h: h)  # same header, valid checksum
+    header, offset, data = storage._parse_header(path.read_bytes(), path)
+    rest = data[36:] + b"\x00" * 5
+    path.write_bytes(storage.MAGIC + hashlib.sha256(rest).digest() + rest)
+    with pytest.raises(storage.ProgramFileError, match="5 unexpected trailing bytes"):
+        nna.load(path)
+
+
+@pytest.mark.parametrize("mask,expected", [(0o022, 0o644), (0o077, 0o600)])
+def test_saved_programs_follow_the_umask_and_leave_no_litter(tmp_path, mask, expected):
+    old = os.umask(mask)
+    try:
+        info = nna.save(_small_program(), tmp_path / "out" / "p.nna")
+    finally:
+        os.umask(old)
+    path = tmp_path / "out" / "p.nna"
+    assert stat.S_IMODE(path.stat().st_mode) == expected
+    assert info["file_bytes"] == path.stat().st_size == info["header_bytes"] + info["storage_bytes"]
+    assert [p.name for p in path.parent.iterdir()] == ["p.nna"]
+
+
+def test_a_failed_save_keeps_the_old_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "p.nna"
+    nna.save(_small_program(), path)
+    before = path.read_bytes()
+    real = os.fdopen
+    monkeypatch.setattr(_files.os, "fdopen", lambda fd, mode: _FullDisk(real(fd, mode)))
+    with pytest.raises(OSError, match="No space left on device"):
+        nna.save(_small_program(weight=np.ones((4, 1, 3, 3))), path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["p.nna"]
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_save_refuses_a_program_with_non_finite_numbers(tmp_path, value):
+    bias = np.zeros(4, np.float32)
+    bias[2] = value
+    with pytest.raises(ValueError, match=_literal("layer 'conv': its float bias: 1 NaN or infinite value(s)")):
+        nna.save(_small_program(bias_float=bias), tmp_path / "p.nna")
+    assert not (tmp_path / "p.nna").exists()
+
+
+@pytest.mark.parametrize("config,error,message", [
+    (nna.FP32_BASELINE, ValueError, "computes in fp32; save a program with an integer config"),
+    ("series2nx", TypeError, "config must be an nnlab.nna.NNAConfig, got str"),
+    (nna.SERIES2NX.replace(min_bits=5), ValueError, "layer 'conv' (weights) has 4-bit values but"),
+])
+def test_save_refuses_bad_configs(tmp_path, config, error, message):
+    with pytest.raises(error, match=_literal(message)):
+        nna.save(_small_program(), tmp_path / "p.nna", config)
+    assert not (tmp_path / "p.nna").exists()
+
+
+@pytest.mark.parametrize("value,what", [(np.nan, "1 NaN and 0 infinite"), (np.inf, "0 NaN and 1 infinite"),
+                                        (-np.inf, "0 NaN and 1 infinite")])
+@pytest.mark.parametrize("call", ["run", "predict"])
+def test_simulator_refuses_non_finite_images(value, what, call):
+    x = _images()
+    x[5, 0, 2, 3] = value
+    with pytest.raises(ValueError, match=_literal(f"x (the input of program 'small') holds {what} value(s), in 1 "
+                                                  f"of 8 images (the first: image 5)")):
+        getattr(nna, call)(_small_program(), x)
+
+
+def _overflowing_program():
+    """One linear layer whose sums reach 1000 * 255 * 127 = 32,385,000 (26 bits): they overflow 24 bits."""
+    layer = WeightLayer("fc", "linear", ("in",), np.full((2, 1000), 127, np.int32),
+                        Grid(QuantSpec.for_weights(8), np.full(2, 0.01), np.zeros(2, int)),
+                        np.zeros(2, np.int32), _act_grid(1.0), None)
+    layer.weight[1] = 1  # the second output stays small
+    return Program([InputLayer("in", _act_grid(1.0), (1000,)), layer], "wide")
+
+
+def test_the_accumulator_width_comes_from_the_config():
+    program, x = _overflowing_program(), np.full((3, 1000), 255.0, np.float32)
+    narrow = nna.SERIES2NX.replace(accumulator_bits=24)
+    for result in (nna.run(program, x, config=narrow), nna.run(program, x, accumulator_bits=24)):
+        assert result.saturations == {"fc": 3} and result.saturated == 3 and result.accumulator_bits == 24
+        assert result.sum_bits == {"fc": 26} and result.accumulator_bits_needed == 26
+        np.testing.assert_allclose(result.logits[:, 0], (2 ** 23 - 1) * 0.01, rtol=1e-6)  # saturated, as hardware does
+    wide = nna.run(program, x, config=nna.SERIES2NX.replace(accumulator_bits=26))
+    assert wide.saturated == 0 and np.allclose(wide.logits[:, 0], 32_385_000 * 0.01, rtol=1e-6)
+    default = nna.run(program, x)
+    assert default.accumulator_bits == nna.SERIES2NX.accumulator_bits == 32 and default.saturated == 0
+    assert default.overflow_message() is None
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"accumulator_bits": 7}, ValueError, "accumulator_bits must be >= 8"),
+    ({"accumulator_bits": 49}, ValueError, "accumulator_bits must be <= 48"),
+    ({"accumulator_bits": 24.0}, TypeError, "accumulator_bits must be an integer"),
+    ({"config": nna.SERIES2NX.replace(accumulator_bits=64)}, ValueError, "config.accumulator_bits must be <= 48"),
+    ({"config": nna.FP32_BASELINE}, ValueError, "computes in fp32; the engine runs integer programs"),
+    ({"config": "series2nx"}, TypeError, "config must be an nnlab.nna.NNAConfig, got str"),
+    ({"config": nna.SERIES2NX, "accumulator_bits": 24}, ValueError,
+     "accumulator_bits=24 contradicts config.accumulator_bits=32"),
+])
+def test_bad_accumulator_settings_are_refused(kwargs, error, message):
+    with pytest.raises(error, match=_literal(message)):
+        nna.run(_overflowing_program(), np.zeros((1, 1000), np.float32), **kwargs)
+
+
+def test_predict_warns_about_overflow_with_the_width_that_avoids_it():
+    program, x = _overflowing_program(), np.full((3, 1000), 255.0, np.float32)
+    with pytest.warns(nna.AccumulatorOverflowWarning) as record:
+        predictions = nna.predict(program, x, accumulator_bits=24)
+    assert len(record) == 1 and predictions.tolist() == [0, 0, 0]
+    message = str(record[0].message)
+    assert message.startswith("accumulator overflow: 3 sums saturated the 24-bit accumulator on 3 images (fc: 3)")
+    assert "use an accumulator of at least 26 bits (NNAConfig(accumulator_bits=26))" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        nna.predict(program, x)  # 32 bits: no overflow, no warning
+        nna.predict(program, x, accumulator_bits=26)
+
+
+def test_the_cost_report_shows_saturations():
+    program, x = _overflowing_program(), np.full((3, 1000), 255.0, np.float32)
+    narrow = nna.SERIES2NX.replace(accumulator_bits=24)
+    result = nna.run(program, x, config=narrow)
+    table = nna.report(program, narrow, saturations=result)
+    assert table.set_index("layer")["saturated"].to_dict() == {"in": 0, "fc": 3, "total": 3}
+    assert table.set_index("layer").loc["fc", "sum_bits"] == 26
+    assert nna.summary(table)["saturated"] == 3 and nna.summary(table)["accumulator_bits"] == 24
+    assert "saturated" not in nna.report(program, narrow).columns  # not measured: no column, never a false 0
+    with pytest.raises(ValueError, match="a run with a 24-bit accumulator, but config 'Series2NX-like NNA' has 32"):
+        nna.report(program, nna.SERIES2NX, saturations=result)
+    with pytest.raises(ValueError, match="saturations name layer 'conv9', which is not a weight layer"):
+        nna.report(program, narrow, saturations={"conv9": 1})
+    with pytest.raises(ValueError, match=r"saturations\['fc'\] must be a count"):
+        nna.report(program, narrow, saturations={"fc": -1})
+    with pytest.raises(TypeError, match="saturations must be the Result of nnlab.nna.run"):
+        nna.report(program, narrow, saturations=[3])
+
+
+# ---- quantisation, calibration and compilation refuse NaN and infinity, naming the tensor
+
+@pytest.mark.parametrize("value,counts", [(float("nan"), "1 NaN and 0 infinite"),
+                                          (float("inf"), "0 NaN and 1 infinite"),
+                                          (float("-inf"), "0 NaN and 1 infinite")])
+@pytest.mark.parametrize("call", [
+    lambda x, s: quant.compute_qparams(x, s, name="w"),
+    lambda x, s: quant.compute_qparams(x, s, "percentile", name="w"),
+    lambda x, s: quant.compute_qparams(x, s, "mse", name="w"),
+    lambda x, s: quant.value_range(x, s, name="w"),
+    lambda x, s: quant.quantise(x, s, 0.1, 0, name="w"),
+    lambda x, s: quant.fake_quantise(x, s, 0.1, 0, name="w"),
+], ids=["qparams-max", "qparams-percentile", "qparams-mse", "value_range", "quantise", "fake_quantise"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_channel"])
+def test_quantisation_refuses_non_finite_values(call, value, counts, granularity):
+    x = torch.randn(4, 25)
+    x[2, 7] = value
+    spec = QuantSpec.for_weights(8, granularity=granularity)
+    with pytest.raises(ValueError, match=_literal(f"w: {counts} value(s) among 100; only finite values")):
+        call(x, spec)
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.1, float("nan"), float("inf")])
+@pytest.mark.parametrize("call", [quant.quantise, quant.fake_quantise, quant.dequantise])
+def test_bad_scales_are_refused(call, scale):
+    x = torch.ones(3, dtype=torch.int32) if call is quant.dequantise else torch.ones(3)
+    with pytest.raises(ValueError, match="scale of .* must be positive and finite"):
+        call(x, QuantSpec.for_weights(8), scale, 0)
+
+
+@pytest.mark.parametrize("lo,hi", [(float("nan"), 1.0), (-1.0, float("inf")), (float("-inf"), 0.0)])
+def test_ranges_must_be_finite(lo, hi):
+    with pytest.raises(ValueError, match="the range's (lo|hi) must be finite"):
+        quant.qparams_from_range(torch.tensor(lo), torch.tensor(hi), QuantSpec.for_activations(8))
+
+
+def test_the_quantisers_never_turn_nan_into_a_level():
+    """PyTorch's kernel alone maps NaN to the lowest level and an infinity sets a scale that zeroes the rest."""
+    spec = QuantSpec.for_weights(8)
+    assert torch.fake_quantize_per_tensor_affine(torch.tensor([float("nan")]), 0.1, 0, -128, 127).isfinite().all()
+    with pytest.raises(ValueError):
+        quant.quantise(torch.tensor([1.0, float("nan")]), spec, 0.1, 0)
+    with pytest.raises(ValueError):
+        quant.compute_qparams(torch.tensor([1.0, 2.0, float("inf")]), spec)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return nd.load_data(train_limit=256, test_limit=128, verbose=False)
+
+
+def _lenet5():
+    from nnlab.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("lenet5")
+
+
+@pytest.mark.parametrize("method", ["max", "percentile"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_calibration_refuses_non_finite_images(value, method):
+    x = torch.zeros(4, 1, 28, 28)
+    x[1, 0, 3, 3] = value
+    with pytest.raises(ValueError, match=r"the activations at 'input_quant' \(calibration batch 1\): "):
+        quant.quantise_model(_lenet5(), [(x, torch.zeros(4, dtype=torch.long))], 8, 8, act_method=method)
+
+
+def test_calibration_names_the_quantiser_that_overflows(small_data):
+    net = _lenet5()
+    with torch.no_grad():
+        net.fc1.weight.fill_(3e38)  # finite weights, infinite activations after fc1
+    with pytest.raises(ValueError, match=r"the activations at 'relu3_quant' \(calibration batch 1\): 0 NaN and"):
+        quant.quantise_model(net, small_data, None, 8)
+
+
+@pytest.mark.parametrize("where", ["conv2.weight", "fc3.bias"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("weight_bits", [8, None])
+def test_quantising_a_model_with_a_non_finite_parameter_names_it(small_data, where, value, weight_bits):
+    net = _lenet5()
+    with torch.no_grad():
+        net.get_parameter(where).view(-1)[0] = value
+    layer, what = where.split(".")
+    with pytest.raises(ValueError, match=_literal(f"layer {layer!r}: its {what}: ")):
+        quant.quantise_model(net, small_data, weight_bits, 8)
+
+
+def test_a_weight_quantiser_names_its_layer(small_data):
+    w = torch.ones(3, 4)
+    w[1, 1] = float("nan")
+    with pytest.raises(ValueError, match=_literal("the weight of layer 'fc9': 1 NaN")):
+        quant.WeightQuantizer(QuantSpec.for_weights(8), w, label="the weight of layer 'fc9'")
+
+
+@pytest.fixture(scope="module")
+def quantised(small_data):
+    return quant.quantise_model(_lenet5(), small_data, 5, 8)
+
+
+@pytest.mark.parametrize("where,message", [
+    ("fc1.parametrizations.weight.original", "layer 'fc1': its weight: 1 NaN"),
+    ("conv1.bias", "layer 'conv1': its bias: 1 NaN"),
+    ("input_quant.scale", "layer 'input_quant': its scale: 1 NaN"),
+])
+def test_compiling_a_model_with_nan_names_the_layer(quantised, where, message):
+    import copy
+
+    bad = copy.deepcopy(quantised)
+    with torch.no_grad():
+        t = bad.get_parameter(where) if "scale" not in where else bad.get_buffer(where)
+        t.view(-1)[0] = float("nan")
+    with pytest.raises(ValueError, match=_literal(message)):
+        nna.compile_model(bad)
+
+
+def test_a_quantised_model_refuses_nan_images_in_eval(quantised):
+    x = torch.zeros(2, 1, 28, 28)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=_literal("the activations at 'input_quant': 1 NaN and 0 infinite")):
+        quantised(x)
+
+
+def test_retraining_stops_at_the_first_nan_weight(quantised):
+    import copy
+
+    net = copy.deepcopy(quantised).train()
+    for m in net.modules():
+        if isinstance(m, quant.WeightQuantizer):
+            m.track = True
+    with torch.no_grad():
+        net.get_parameter("conv2.parametrizations.weight.original").view(-1)[3] = float("inf")
+    with pytest.raises(ValueError, match=_literal("the weight of layer 'conv2': 0 NaN and 1 infinite")):
+        net(torch.zeros(2, 1, 28, 28))
+
+
+def test_a_quantiser_scale_damaged_after_calibration_is_refused(quantised):
+    import copy
+
+    net = copy.deepcopy(quantised)
+    state = net.state_dict()
+    state["pool1_quant.scale"] = torch.tensor(float("nan"))
+    net.load_state_dict(state)
+    with pytest.raises(ValueError, match=_literal("the scale of the activations at 'pool1_quant' must be positive")):
+        net(torch.zeros(2, 1, 28, 28))
+
+
+# ---- pruning a quantised model
+
+@pytest.mark.parametrize("call", [
+    lambda m: prune.core_by_fraction(m, 0.5),
+    lambda m: prune.core_by_threshold(m, 0.1),
+    lambda m: prune.core_channels(m, 0.25),
+    lambda m: prune.apply_masks(m, {"conv1": torch.ones(6, 1, 5, 5)}),
+    lambda m: prune.iterative_coring(m, lambda net: None, sparsities=[0.5]),
+], ids=["fraction", "threshold", "channels", "apply_masks", "iterative"])
+def test_pruning_a_quantised_model_is_refused_clearly(quantised, call):
+    import copy
+
+    with pytest.raises(ValueError, match=_literal("layer 'conv1' is quantised (its weight is computed by the "
+                                                  "parametrizations [WeightQuantizer]), so a pruning mask cannot")):
+        call(copy.deepcopy(quantised))
+
+
+def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(small_data):
+    net = prune.core_by_fraction(_lenet5(), 0.5)
+    q = quant.quantise_model(net, small_data, 5, 8)
+    chain = [type(p).__name__ for p in q.get_submodule("fc1").parametrizations.weight]
+    assert chain == ["FixedMask", "WeightQuantizer"]
+    assert prune.sparsity(q) >= 0.5
+    with pytest.raises(ValueError, match="parametrizations \\[FixedMask, WeightQuantizer\\]"):
+        prune.core_by_fraction(q, 0.9)
+
+
+# ---- the command line: bit-depths and devices refused before PyTorch loads; overflow in the terminal
+
+@pytest.mark.parametrize("args", [["compress", "--weight-bits", "3", "--out", "x"],
+                                  ["compress", "--act-bits", "2", "--out", "x"],
+                                  ["compress", "--device", "gpu0", "--out", "x"]])
+def test_cli_range_checks_answer_without_loading_torch(args):
+    proc = _python("import sys\nfrom nnlab import cli\ntry:\n    cli.main(%r)\nexcept SystemExit as e:\n"
+                   "    print('exit', e.code, file=sys.stderr)\n"
+                   "print('torch loaded:', 'torch' in sys.modules, file=sys.stderr)" % (args,))
+    assert "exit 2" in proc.stderr and "torch loaded: False" in proc.stderr, proc.stderr
+    assert "supports 4..16 bits" in proc.stderr or "device must be 'cpu', 'cuda'" in proc.stderr
+
+
+def test_importing_the_hardware_description_loads_no_torch():
+    proc = _python("import sys\nfrom nnlab.nna import PRESETS, NNAConfig, SERIES2NX\n"
+                   "print(sorted(PRESETS), 'torch' in sys.modules, 'pandas' in sys.modules)")
+    assert proc.returncode == 0 and proc.stdout.split() == ["['fp32',", "'series2nx']", "False", "False"], proc
+
+
+def test_nna_names_resolve_lazily_to_the_same_objects():
+    import importlib
+
+    from nnlab.nna import engine, report as report_function
+
+    assert nna.run is engine.run and callable(report_function) and nna.report is report_function
+    importlib.import_module("nnlab.nna.report")  # importing the submodule keeps nna.report the function
+    assert callable(nna.report) and nna.report.__module__ == "nnlab.nna.report"
+    for name in nna.__all__:
+        assert getattr(nna, name) is not None
+    with pytest.raises(AttributeError, match="has no attribute 'compile'"):
+        nna.compile  # noqa: B018
+
+
+def _synthetic_result(saturated: int):
+    """A CompressionResult whose NNA stage saturated ``saturated`` sums (no training: costs of a small program)."""
+    import pandas as pd
+
+    program = _overflowing_program()
+    narrow = nna.SERIES2NX.replace(accumulator_bits=24)
+    x = np.full((3, 1000), 255.0 if saturated else 1.0, np.float32)
+    run = nna.run(program, x, config=narrow)
+    rows = [{"stage": s, "accuracy": 90.0, "sparsity": 0.0, "weight_bits": 8, "act_bits": 8, "storage_bytes": 100,
+             "energy_uj": 1.0, "latency_us": 1.0, "compression": 2.0, "energy_ratio": 2.0, "hardware": "x"}
+            for s in pipeline.STAGES]
+    stages = pd.DataFrame(rows)
+    stages["saturated"] = pd.Series([None] * 6 + [run.saturated], dtype=object)
+    overflow = pipeline._overflow(program, x, np.zeros(3, int), narrow, run, 90.0)
+    settings = {"model": "lenet5", "dataset": "mnist", "hardware": narrow.name, "accumulator_bits": 24}
+    return pipeline.CompressionResult(stages=stages, settings=settings, models={}, program=program,
+                                      report=nna.report(program, narrow, saturations=run), overflow=overflow)
+
+
+def test_cli_shows_overflow_in_the_terminal_and_both_reports(monkeypatch, tmp_path, capsys):
+    import json
+
+    result = _synthetic_result(3)
+    assert result.overflow["accumulator_bits_needed"] == 26 and result.overflow["layers"] == {"fc": 3}
+    assert result.overflow["accuracy_without_overflow"] is not None
+
+    def fake_compress(*args, **kwargs):
+        warnings.warn(result.overflow["message"], nna.AccumulatorOverflowWarning)
+        return result
+
+    monkeypatch.setattr(pipeline, "compress", fake_compress)
+    code, out, err = _cli(["compress", "--quick", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "| 3 sums overflowed the accumulator |" in out
+    assert err.count("accumulator overflow") == 1 and "nnlab compress: warning: accumulator overflow: 3 sums" in err
+    doc = json.loads((tmp_path / "report.json").read_text(),
+                     parse_constant=lambda c: pytest.fail(f"report.json holds {c}, which is not JSON"))
+    assert doc["overflow"]["saturated"] == 3 and doc["headline"]["saturated"] == 3
+    assert doc["stages"][-1]["saturated"] == 3 and doc["stages"][0]["saturated"] is None
+    assert {r["layer"]: r["saturated"] for r in doc["nna_layers"]} == {"in": 0, "fc": 3, "total": 3}
+    page = (tmp_path / "report.html").read_text()
+    assert 'class="warning"' in page and "3 sums saturated the 24-bit accumulator" in page
+    assert "<th>saturated</th>" in page and "<th>sum_bits</th>" in page
+
+
+def test_cli_says_when_no_sum_overflowed(monkeypatch, tmp_path, capsys):
+    import json
+
+    result = _synthetic_result(0)
+    assert result.overflow is None
+    monkeypatch.setattr(pipeline, "compress", lambda *a, **k: result)
+    code, out, err = _cli(["compress", "--quick", "--out", str(tmp_path)], capsys)
+    assert code == 0 and "overflow" not in out + err
+    assert json.loads((tmp_path / "report.json").read_text())["overflow"] is None
+    assert "No sum overflowed the 24-bit accumulator" in (tmp_path / "report.html").read_text()

@@ -50,6 +50,7 @@ from .. import graph
 from .._args import check_float, check_int
 from ..quant.grid import Grid
 from ..quant.spec import QuantSpec
+from ..quant.tensor import check_finite_parameters
 from .program import (MAX_BIAS_FRAC_BITS, AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program,
                       WeightLayer)
 
@@ -253,16 +254,15 @@ class _Compiler:
         self.values[qnode] = (layer.name, grid)
 
     def weight(self, step):
-        from ..quant import quantised_weight
+        from ..quant import quantised_weight, weight_quantizer
 
         op, m = step.head, step.head.module
         in_name, in_grid = self.read(step.inputs[0], op.name)
         grid, value_node = self.out_grid(step, final_ok=True)
-        try:
-            codes, spec, scale, zero_point = quantised_weight(m)
-        except ValueError:
+        if weight_quantizer(m) is None:
             raise ValueError(f"layer {op.name!r} ({type(m).__name__}) has float weights; quantise the model first "
-                             f"(nnlab.quant.quantise_model)") from None
+                             f"(nnlab.quant.quantise_model)")
+        codes, spec, scale, zero_point = quantised_weight(m)
         if torch.any(zero_point != 0):
             raise ValueError(f"layer {op.name!r}: weight zero points must be 0 (symmetric weights); got {spec}")
         codes = codes.cpu().numpy().astype(np.int32)
@@ -414,11 +414,13 @@ def compile_model(model: nn.Module, input_shape=(1, 28, 28), *, name: str | None
         nnlab.graph.GraphError: a node the NNA cannot run, or a model that
             cannot be traced; the message names the node and what is supported.
         ValueError: a weight or activation left in float, an activation
-            quantiser still calibrating, or shapes that do not fit (names the layer).
+            quantiser still calibrating, a weight, bias or batch-norm statistic
+            holding NaN or infinite values, or shapes that do not fit (names the layer).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     shape = _check_input_shape(input_shape)
+    check_finite_parameters(model)  # the program would hold other numbers than the model
     gm = graph.trace(model)
     ops = graph.classify(gm)
     steps = graph.fuse(ops)

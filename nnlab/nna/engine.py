@@ -24,8 +24,13 @@ A weight layer (:func:`conv2d` or :func:`linear`) does three things:
    worst case.  A batch norm was folded into the weight scales and the bias
    by the compiler.
 2. **add the bias** (int32, with ``bias_frac_bits`` fractional bits) and
-   check the accumulator width: sums outside ``accumulator_bits`` are
-   counted and saturated, as hardware would.
+   check the accumulator width (``NNAConfig.accumulator_bits``): sums
+   outside it are counted and saturated, as hardware would.  Every run
+   reports, per weight layer, how many sums saturated
+   (``Result.saturations``) and how many bits the widest sum needed
+   (``Result.sum_bits``); :func:`predict` warns
+   (:class:`AccumulatorOverflowWarning`) when any sum saturated, naming the
+   layers and the accumulator width that would hold them.
 3. **requantise** to the output grid, in one of two modes:
 
    * ``"torch"``: float32 arithmetic rounded half to even, exactly as
@@ -55,21 +60,28 @@ mode reproduces to the integer (measured on an x86 CPU with AVX2).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .._args import check_choice, check_int
+from .config import SERIES2NX, NNAConfig
 from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
 
-__all__ = ["MODES", "Result", "run", "predict", "quantise_input", "im2col", "conv2d", "linear", "accumulate_bias",
+__all__ = ["MODES", "Result", "AccumulatorOverflowWarning", "overflow_message", "sum_width", "accumulator_width",
+           "MAX_ACCUMULATOR_BITS", "run", "predict", "quantise_input", "im2col", "conv2d", "linear", "accumulate_bias",
            "int16_pair_saturation", "requantise", "requantise_torch", "requantise_integer", "fixed_point_multiplier",
            "maxpool2d",
            "avgpool2d", "flatten", "add", "concat", "exact_dtype", "output_logits", "channel_first"]
 
 MODES = ("torch", "integer")
 f32 = np.float32
+
+
+class AccumulatorOverflowWarning(UserWarning):
+    """Sums overflowed the accumulator and were saturated: the simulated network computed something else."""
 
 
 @dataclass
@@ -79,8 +91,13 @@ class Result:
     Attributes:
         logits: float64 ``(N, classes)``: the last layer's integers mapped back to real values.
         outputs: layer name -> integer output (channel-first), when ``trace=True``.
-        saturations: layer name -> number of sums that overflowed the accumulator.
-        int16_saturations: layer name -> number of pair sums that saturated at int16, for the
+        saturations: weight layer name -> number of sums that overflowed the
+            accumulator and were saturated (0 when none did; every weight layer has an entry).
+        sum_bits: weight layer name -> bits a signed accumulator needs to hold
+            the widest sum the layer computed in this run (its integer part),
+            before saturation.
+        accumulator_bits: the accumulator width the run used.
+        int16_saturations: weight layer name -> number of pair sums that saturated at int16, for the
             weight layers whose ``kernel`` is ``"fbgemm_avx2"``, in ``"torch"`` mode
             (see :func:`int16_pair_saturation`).
     """
@@ -88,12 +105,72 @@ class Result:
     logits: np.ndarray
     outputs: dict = field(default_factory=dict)
     saturations: dict = field(default_factory=dict)
+    sum_bits: dict = field(default_factory=dict)
+    accumulator_bits: int = 32
     int16_saturations: dict = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
         """Top-1 class of each image."""
         return self.logits.argmax(axis=1)
+
+    @property
+    def saturated(self) -> int:
+        """Sums saturated in all layers and images."""
+        return int(sum(self.saturations.values()))
+
+    @property
+    def accumulator_bits_needed(self) -> int:
+        """The widest sum of the run, in bits: the narrowest accumulator that would hold every sum of this run.
+
+        After a saturated layer the later layers computed on saturated
+        inputs, so rerun with this width to confirm (:func:`run` with
+        ``config=config.replace(accumulator_bits=...)``).
+        """
+        return max(self.sum_bits.values(), default=1)
+
+    def overflow_message(self, images: int | None = None) -> str | None:
+        """One line describing the saturated sums, or None when no sum saturated."""
+        return overflow_message(self.saturations, self.accumulator_bits, self.accumulator_bits_needed,
+                                images=len(self.logits) if images is None else images)
+
+
+def overflow_message(saturations: dict, accumulator_bits: int, needed_bits: int, images: int | None = None):
+    """The warning for saturated sums: how many, in which layers, and the accumulator width that would hold them.
+
+    Args:
+        saturations: layer name -> saturated sums.
+        accumulator_bits: the width that overflowed.
+        needed_bits: the width of the widest sum.
+        images: how many images were run (for the message), or None.
+
+    Returns:
+        A one-line message, or None when no sum saturated.
+    """
+    total = int(sum(saturations.values()))
+    if total == 0:
+        return None
+    layers = ", ".join(f"{name}: {count:,}" for name, count in saturations.items() if count)
+    on = f" on {images:,} image{'s' if images != 1 else ''}" if images is not None else ""
+    return (f"accumulator overflow: {total:,} sum{'s' if total != 1 else ''} saturated the {accumulator_bits}-bit "
+            f"accumulator{on} ({layers}), so the simulated network computed something other than the "
+            f"trained one; the sums need {needed_bits} bits: use an accumulator of at least {needed_bits} bits "
+            f"(NNAConfig(accumulator_bits={needed_bits})) or fewer weight or activation bits")
+
+
+def sum_width(low: int, high: int, frac_bits: int = 0) -> int:
+    """Bits of the narrowest signed accumulator holding every sum in ``[low, high]`` (integer part).
+
+    The sums carry ``frac_bits`` fractional bits: a ``b``-bit accumulator
+    holds ``-2**(b-1) * 2**frac_bits <= s <= (2**(b-1) - 1) * 2**frac_bits``.
+    """
+    unit = 1 << frac_bits
+    width = 1
+    if high > 0:
+        width = max(width, (-(-int(high) // unit)).bit_length() + 1)
+    if low < 0:
+        width = max(width, ((-(int(low)) + unit - 1) // unit - 1).bit_length() + 1)
+    return width
 
 
 def _clamp(q: np.ndarray, layer) -> np.ndarray:
@@ -284,7 +361,7 @@ def _per_channel(values: np.ndarray, like: np.ndarray) -> np.ndarray:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int):
+def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int, stats: dict | None = None):
     """Add the int32 bias and saturate to the accumulator width.
 
     The bias has ``F = layer.bias_frac_bits`` fractional bits, so the sum is
@@ -294,6 +371,8 @@ def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int):
         acc: exact int64 sums, channel on the first axis.
         layer: the weight layer.
         accumulator_bits: accumulator width (of the integer part).
+        stats: if given, receives ``"sum_bits"``: the bits of the widest sum
+            before saturation (:func:`sum_width`).
 
     Returns:
         ``(total, saturated)``: int64 sums whose integer part is clipped to
@@ -304,7 +383,10 @@ def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int):
     lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
     total = np.left_shift(acc, f) if f else acc.copy()
     total += _per_channel(layer.bias.astype(np.int64), acc)
-    if total.size == 0 or lo << f <= total.min() and total.max() <= hi << f:  # the usual case, checked cheaply
+    low, high = (int(total.min()), int(total.max())) if total.size else (0, 0)
+    if stats is not None:
+        stats["sum_bits"] = sum_width(low, high, f)
+    if lo << f <= low and high <= hi << f:  # the usual case, checked cheaply
         return total, 0
     saturated = int(np.count_nonzero((total < lo << f) | (total > hi << f)))
     np.clip(acc, lo, hi, out=acc)
@@ -638,10 +720,17 @@ def _check_input(program: Program, x):
     if x.ndim != len(shape) + 1 or tuple(x.shape[1:]) != shape:
         raise ValueError(f"x must have shape (N, {', '.join(map(str, shape))}) for program "
                          f"{program.name!r}, got {tuple(x.shape)}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        bad = ~finite.reshape(len(x), -1).all(axis=1)
+        nan = int(np.isnan(x).sum())
+        raise ValueError(f"x (the input of program {program.name!r}) holds {nan} NaN and {int((~finite).sum()) - nan} "
+                         f"infinite value(s), in {int(bad.sum())} of {len(x)} images (the first: image "
+                         f"{int(np.argmax(bad))}); the accelerator quantises real numbers only: check the images")
     return x
 
 
-def _step(layer, ins, x, mode, accumulator_bits, saturations, int16_saturations):
+def _step(layer, ins, x, mode, accumulator_bits, saturations, sum_bits, int16_saturations):
     """Run one layer on its inputs' integers."""
     if isinstance(layer, InputLayer):
         return quantise_input(x, layer)
@@ -651,7 +740,9 @@ def _step(layer, ins, x, mode, accumulator_bits, saturations, int16_saturations)
             correction, int16_saturations[layer.name] = int16_pair_saturation(ins[0], layer)
             if correction is not None:
                 acc += correction
-        total, saturations[layer.name] = accumulate_bias(acc, layer, accumulator_bits)
+        stats = {}
+        total, saturations[layer.name] = accumulate_bias(acc, layer, accumulator_bits, stats)
+        sum_bits[layer.name] = stats["sum_bits"]
         return requantise(total, acc, layer, mode, accumulator_bits)
     if isinstance(layer, PoolLayer):
         return maxpool2d(ins[0], layer) if layer.op == "maxpool2d" else avgpool2d(ins[0], layer, mode)
@@ -664,7 +755,41 @@ def _step(layer, ins, x, mode, accumulator_bits, saturations, int16_saturations)
     raise TypeError(f"layer {getattr(layer, 'name', '?')!r}: unknown layer type {type(layer).__name__}")
 
 
-def run(program: Program, x, mode: str = "torch", *, accumulator_bits: int = 32, trace: bool = False) -> Result:
+#: Accumulator widths the engine simulates (the integer requantisation keeps ``sum * multiplier`` in int64).
+MAX_ACCUMULATOR_BITS = 48
+
+
+def accumulator_width(config=None, accumulator_bits=None) -> int:
+    """The accumulator width a run uses: ``accumulator_bits`` if given, else ``config.accumulator_bits``.
+
+    Args:
+        config: an integer :class:`~nnlab.nna.config.NNAConfig` (default the Series2NX-like preset).
+        accumulator_bits: an explicit width, 8..48 (a shorthand for
+            ``config.replace(accumulator_bits=...)``).
+
+    Raises:
+        TypeError: ``config`` is not an NNAConfig.
+        ValueError: an fp32 config, a width outside 8..48, or both arguments given with different widths.
+    """
+    if config is not None:
+        if not isinstance(config, NNAConfig):
+            raise TypeError(f"config must be an nnlab.nna.NNAConfig, got {type(config).__name__}")
+        if config.arithmetic != "int":
+            raise ValueError(f"config {config.name!r} computes in fp32; the engine runs integer programs: pass an "
+                             f"integer config such as nnlab.nna.SERIES2NX")
+    if accumulator_bits is None:
+        width = (SERIES2NX if config is None else config).accumulator_bits
+        check_int("config.accumulator_bits", width, minimum=8, maximum=MAX_ACCUMULATOR_BITS)
+        return width
+    check_int("accumulator_bits", accumulator_bits, minimum=8, maximum=MAX_ACCUMULATOR_BITS)
+    if config is not None and config.accumulator_bits != accumulator_bits:
+        raise ValueError(f"accumulator_bits={accumulator_bits} contradicts config.accumulator_bits="
+                         f"{config.accumulator_bits}; pass config=config.replace(accumulator_bits=...) alone")
+    return accumulator_bits
+
+
+def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = None,
+        accumulator_bits: int | None = None, trace: bool = False) -> Result:
     """Run a compiled program on a batch of images, in integer arithmetic.
 
     Layers run in order; each reads the outputs of the layers it names,
@@ -672,26 +797,30 @@ def run(program: Program, x, mode: str = "torch", *, accumulator_bits: int = 32,
 
     Args:
         program: from :func:`nnlab.nna.compile_model` or :func:`nnlab.nna.compile_torch_int8`.
-        x: float images ``(N, *input shape)`` (NumPy array or torch tensor).
+        x: float images ``(N, *input shape)`` (NumPy array or torch tensor), finite.
         mode: requantisation ``"torch"`` (PyTorch's float32 rounding, and its
             kernels' int16 saturation where a layer's ``kernel`` says so) or
             ``"integer"`` (fixed-point multiplier and shift).
-        accumulator_bits: accumulator width; overflowing sums saturate and are counted.
+        config: the accelerator (default :data:`~nnlab.nna.config.SERIES2NX`); the run
+            uses its ``accumulator_bits``: sums outside that width saturate and are counted.
+        accumulator_bits: shorthand for ``config.replace(accumulator_bits=...)`` (8..48).
         trace: keep every layer's integer output in ``Result.outputs``.
 
     Returns:
-        A :class:`Result`.
+        A :class:`Result`; ``Result.saturations`` counts the saturated sums
+        per layer (see also ``Result.overflow_message()``).
 
     Raises:
-        TypeError, ValueError: wrong input type, dtype or shape, or unknown mode.
+        TypeError, ValueError: wrong input type, dtype or shape, NaN or
+            infinite input values, unknown mode, or a bad config.
     """
     check_choice("mode", mode, MODES)
-    check_int("accumulator_bits", accumulator_bits, minimum=8, maximum=48)
+    width = accumulator_width(config, accumulator_bits)
     x = _check_input(program, x)
-    outputs, saturations, int16_saturations, values = {}, {}, {}, {}
+    outputs, saturations, sum_bits, int16_saturations, values = {}, {}, {}, {}, {}
     last_use = program.last_uses()
     for i, layer in enumerate(program.layers):
-        q = _step(layer, [values[name] for name in layer.inputs], x, mode, accumulator_bits, saturations,
+        q = _step(layer, [values[name] for name in layer.inputs], x, mode, width, saturations, sum_bits,
                   int16_saturations)
         values[layer.name] = q
         if trace:
@@ -699,9 +828,25 @@ def run(program: Program, x, mode: str = "torch", *, accumulator_bits: int = 32,
         for name in layer.inputs:
             if last_use[name] == i:
                 values.pop(name, None)
-    return Result(output_logits(values[program.output.name], program), outputs, saturations, int16_saturations)
+    return Result(output_logits(values[program.output.name], program), outputs, saturations, sum_bits, width,
+                  int16_saturations)
 
 
-def predict(program: Program, x, mode: str = "torch") -> np.ndarray:
-    """Top-1 class of each image (int64 array)."""
-    return run(program, x, mode).predictions
+def predict(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = None,
+            accumulator_bits: int | None = None) -> np.ndarray:
+    """Top-1 class of each image (int64 array), warning when sums overflowed the accumulator.
+
+    Args:
+        program, x, mode, config, accumulator_bits: as for :func:`run`.
+
+    Returns:
+        The predicted classes.  When any sum saturated, an
+        :class:`AccumulatorOverflowWarning` says how many, in which layers,
+        and the accumulator width that would hold them; call :func:`run`
+        for the counts themselves (``Result.saturations``).
+    """
+    result = run(program, x, mode, config=config, accumulator_bits=accumulator_bits)
+    message = result.overflow_message()
+    if message:
+        warnings.warn(message, AccumulatorOverflowWarning, stacklevel=2)
+    return result.predictions

@@ -25,6 +25,12 @@ once here:
   multiply + add; SRAM per 64 bits at the buffer's size; DRAM per 64 bits.
   Pooling, adds, concats and requantisation are neglected (a few operations
   per output, against tens to hundreds of MACs).
+* **Overflow**: costs do not depend on the data, but whether the sums fit
+  in the accumulator does.  Given the :class:`~nnlab.nna.engine.Result`
+  of a run (``saturations=``), the table adds ``saturated`` (sums that
+  overflowed the accumulator and were saturated, per layer and in total)
+  and ``sum_bits`` (bits of the widest sum; the total row: the widest of
+  all), so an overflow shows in the same table as the costs.
 * **Time** (roofline): ``compute cycles = MACs / macs_per_cycle(bits)``,
   ``memory cycles = DRAM bytes / bytes per cycle``; a layer takes the larger
   (compute and transfers overlap) and is "compute"- or "memory"-bound.
@@ -42,8 +48,10 @@ from .config import SERIES2NX, NNAConfig
 from .program import FlattenLayer, InputLayer, Program, WeightLayer
 from .storage import encode_layer, parameter_bytes
 
-__all__ = ["report", "layer_costs", "summary", "COLUMNS"]
+__all__ = ["report", "layer_costs", "summary", "COLUMNS", "OVERFLOW_COLUMNS"]
 
+#: The columns :func:`report` adds when given a run's saturation counts.
+OVERFLOW_COLUMNS = ["saturated", "sum_bits"]
 #: The columns of :func:`report`.
 COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
            "padding_B", "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B",
@@ -157,7 +165,32 @@ def _total(table: pd.DataFrame, label="total") -> dict:
     return row
 
 
-def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig | None = None) -> pd.DataFrame:
+def _overflow(program: Program, config: NNAConfig, saturations):
+    """``(counts, sum_bits, accumulator_bits)`` per layer from a run's Result, or from a dict of counts."""
+    from .engine import Result
+
+    if isinstance(saturations, Result):
+        if saturations.accumulator_bits != config.accumulator_bits:
+            raise ValueError(f"saturations come from a run with a {saturations.accumulator_bits}-bit accumulator, but "
+                             f"config {config.name!r} has {config.accumulator_bits} bits; run with config=config")
+        counts, widths, bits = saturations.saturations, saturations.sum_bits, saturations.accumulator_bits
+    elif isinstance(saturations, dict):
+        counts, widths, bits = saturations, {}, config.accumulator_bits
+    else:
+        raise TypeError(f"saturations must be the Result of nnlab.nna.run (or a dict layer -> count), got "
+                        f"{type(saturations).__name__}")
+    names = {layer.name for layer in program.weight_layers}
+    for name, count in counts.items():
+        if name not in names:
+            raise ValueError(f"saturations name layer {name!r}, which is not a weight layer of program "
+                             f"{program.name!r}")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"saturations[{name!r}] must be a count (an integer >= 0), got {count!r}")
+    return counts, widths, bits
+
+
+def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig | None = None, *,
+           saturations=None) -> pd.DataFrame:
     """Per-layer and total costs of ``program`` on ``config``, next to the fp32 dense network.
 
     Args:
@@ -165,15 +198,26 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         config: the accelerator (default: the Series2NX-like preset).
         baseline: the reference config (default ``config.as_fp32()``: the
             same accelerator in fp32, dense).
+        saturations: optionally the :class:`~nnlab.nna.engine.Result` of
+            ``nnlab.nna.run(program, images, config=config)`` (or a dict
+            layer name -> saturated sums): adds the columns ``saturated`` and
+            ``sum_bits`` (see the module docstring).
 
     Returns:
-        DataFrame with :data:`COLUMNS`, one row per layer and a ``"total"``
+        DataFrame with :data:`COLUMNS` (and :data:`OVERFLOW_COLUMNS` when
+        ``saturations`` is given), one row per layer and a ``"total"``
         row.  ``fp32_*`` columns are the baseline's; ``compression`` and
         ``energy_ratio`` are baseline / program.  ``attrs["summary"]`` holds
-        the headline figures (:func:`summary`).  In the total row ``density``
-        is the share of MACs left after zero skipping.
+        the headline figures (:func:`summary`), with ``saturated`` and
+        ``accumulator_bits`` when ``saturations`` is given.  In the total row
+        ``density`` is the share of MACs left after zero skipping.
+
+    Raises:
+        TypeError, ValueError: a bad ``saturations`` (a run with another
+            accumulator width, or layers the program does not have).
     """
     baseline = config.as_fp32() if baseline is None else baseline
+    overflow = None if saturations is None else _overflow(program, config, saturations)
     ours = layer_costs(program, config)
     base = layer_costs(program, baseline)
     table = ours.copy()
@@ -185,7 +229,14 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
     with np.errstate(divide="ignore", invalid="ignore"):
         table["compression"] = np.where(table["storage_B"] > 0, table["fp32_B"] / table["storage_B"], np.nan)
         table["energy_ratio"] = np.where(table["energy_nJ"] > 0, table["fp32_energy_nJ"] / table["energy_nJ"], np.nan)
-    table = table[COLUMNS]
+    columns = list(COLUMNS)
+    if overflow is not None:
+        counts, widths, _ = overflow
+        layers = table["layer"].iloc[:-1]
+        table["saturated"] = [int(counts.get(name, 0)) for name in layers] + [int(sum(counts.values()))]
+        table["sum_bits"] = [widths.get(name, np.nan) for name in layers] + [max(widths.values(), default=np.nan)]
+        columns += OVERFLOW_COLUMNS
+    table = table[columns]
     t = table.iloc[-1]
     table.attrs["summary"] = {
         "config": config.name, "baseline": baseline.name,
@@ -198,6 +249,8 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         "latency_us": float(t["latency_us"]), "fp32_latency_us": float(t["fp32_latency_us"]),
         "speedup": float(t["fp32_latency_us"] / t["latency_us"]) if t["latency_us"] else math.nan,
     }
+    if overflow is not None:
+        table.attrs["summary"].update(saturated=int(t["saturated"]), accumulator_bits=overflow[2])
     return table
 
 

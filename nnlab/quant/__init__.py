@@ -63,6 +63,11 @@ returns a rewritten copy of the float model:
   zero_point, spec.quant_min, spec.quant_max)``, rounding half to even, and
   ``x_hat = (q - zero_point) * scale``.
 * ``describe(model)`` lists every quantiser in data-flow order as a table.
+* **Non-finite values** are refused, never rounded: a NaN or an infinity in
+  a weight, a bias, a calibration batch or the activations a quantiser
+  rounds raises a ValueError naming the layer or quantiser
+  (``"the activations at 'input_quant': 3 NaN and 0 infinite value(s) ..."``);
+  see :func:`check_finite`.
 * After retraining, :func:`freeze` has written the quantised values into
   the weights, so ``original`` already lies on the grid.
 """
@@ -74,13 +79,13 @@ from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, 
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
 from .grid import Grid
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
-from .tensor import (MIN_SCALE, SCALE_METHODS, compute_qparams, dequantise, fake_quantise, grid_levels,
-                     qparams_from_range, quantise, value_range)
+from .tensor import (MIN_SCALE, SCALE_METHODS, check_finite, check_finite_parameters, compute_qparams, dequantise,
+                     fake_quantise, grid_levels, qparams_from_range, quantise, value_range)
 
 __all__ = [
     "QuantSpec", "Grid", "GRANULARITIES", "MIN_BITS", "MAX_BITS",
     "compute_qparams", "qparams_from_range", "value_range", "fake_quantise", "quantise", "dequantise",
-    "grid_levels", "SCALE_METHODS", "MIN_SCALE",
+    "grid_levels", "SCALE_METHODS", "MIN_SCALE", "check_finite", "check_finite_parameters",
     "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS",
     "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",

@@ -25,7 +25,7 @@ from ..distributed import unwrap
 from ..train import resolve_device
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .spec import GRANULARITIES, QuantSpec
-from .tensor import SCALE_METHODS, fake_quantise
+from .tensor import SCALE_METHODS, check_finite_parameters, fake_quantise
 
 __all__ = ["INPUT_QUANTIZER", "WEIGHT_LAYERS", "weight_layers", "weight_quantizer", "act_quantizers",
            "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
@@ -281,7 +281,8 @@ def attach_quantisers(
     Raises:
         TypeError, ValueError: bad bit-depths, an unknown granularity or
             method, an override naming a layer or quantiser that does not
-            exist, an already quantised model.
+            exist, an already quantised model, a weight, bias or buffer
+            holding NaN or infinite values (named).
         nnlab.graph.GraphError: activation quantisation of a model that
             cannot be traced, or with a node nnlab does not support (the
             message names the node).
@@ -304,6 +305,7 @@ def attach_quantisers(
         _weight_spec(weight_bits, granularity, narrow_range, value, name)
     if any(isinstance(m, (WeightQuantizer, ActQuantizer)) for m in model.modules()):
         raise ValueError("model is already quantised (it has WeightQuantizer/ActQuantizer modules)")
+    check_finite_parameters(model)  # NaN or infinity: refused here, naming the layer, not rounded onto a grid
     quantise_activations = act_bits is not None or bool(act_overrides)
     if quantise_activations:  # trace and check every node before anything changes
         act_overrides = _check_overrides("act_overrides", act_overrides, act_quantizer_names(model))
@@ -318,7 +320,8 @@ def attach_quantisers(
         spec = _weight_spec(weight_bits, granularity, narrow_range, value, name)
         _mask_to_parametrization(layer)
         parametrize.register_parametrization(
-            layer, "weight", WeightQuantizer(spec, layer.weight.detach(), method=weight_method))
+            layer, "weight", WeightQuantizer(spec, layer.weight.detach(), method=weight_method,
+                                             label=f"the weight of layer {name!r}"))
 
     if quantise_activations:
         def make(name, non_negative):
@@ -331,7 +334,7 @@ def attach_quantisers(
                 spec = QuantSpec.for_activations(value)
             else:
                 spec = QuantSpec.for_inputs(value)
-            return ActQuantizer(spec, method=act_method)
+            return ActQuantizer(spec, method=act_method, label=f"the activations at {name!r}")
         device = next(model.parameters()).device
         model = _insert_act_quantizers(model, make).to(device)
     return model.eval()
@@ -369,7 +372,8 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
         device = next(model.parameters()).device
     dev = resolve_device(device)
     loader = data.train if hasattr(data, "train") and hasattr(data, "description") else data
-    for q in quantizers.values():
+    for name, q in quantizers.items():
+        q.label = f"the activations at {name!r}"
         q.start_calibration()
     model.eval()
     with torch.random.fork_rng(devices=[]):
