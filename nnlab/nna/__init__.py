@@ -10,7 +10,7 @@ Three separate things, as in SCALE-Sim and Timeloop:
   its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
   compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
   quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
-  by PyTorch's own int8 flow (:func:`compile_torch_int8`, with
+  by PyTorch's own int8 flow, eager or FX (:func:`compile_torch_int8`, with
   :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
   integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed and stored
   (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
@@ -42,7 +42,8 @@ _EXPORTS = {
     "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS"),
     "program": ("Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
                 "ConcatLayer"),
-    "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel"),
+    "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
+                 "torch_linear_kernel"),
     "torch_int8": ("quantise_torch_int8", "layer_outputs"),
     "engine": ("run", "predict", "Result", "MODES", "AccumulatorOverflowWarning", "overflow_message"),
     "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),

@@ -37,7 +37,11 @@ A weight layer (:func:`conv2d` or :func:`linear`) does three things:
      PyTorch's quantized CPU kernels do it (fbgemm:
      ``rint(float(acc + bias) * (in_scale * weight_scale / out_scale))``;
      the oneDNN variant for convolutions on AVX512-VNNI CPUs multiplies by
-     each scale in turn; see :func:`requantise_torch`);
+     each scale in turn; see :func:`requantise_torch`).  For a layer whose
+     ``kernel`` is ``"fbgemm_avx2"`` the sums are first corrected for
+     fbgemm's AVX2 arithmetic, which adds neighbouring products in pairs
+     that saturate at int16 (:func:`int16_pair_saturation`; it only happens
+     for inputs beyond the range PyTorch calibrated);
    * ``"integer"``: integers only, as an accelerator does it: the multiplier
      ``M = in_scale * weight_scale / out_scale`` becomes ``m0 * 2**-shift``
      with an integer ``m0``, and ``q = (acc * m0 + 2**(shift-1)) >> shift``
@@ -68,7 +72,8 @@ from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer,
 
 __all__ = ["MODES", "Result", "AccumulatorOverflowWarning", "overflow_message", "sum_width", "accumulator_width",
            "MAX_ACCUMULATOR_BITS", "run", "predict", "quantise_input", "im2col", "conv2d", "linear", "accumulate_bias",
-           "requantise", "requantise_torch", "requantise_integer", "fixed_point_multiplier", "maxpool2d",
+           "int16_pair_saturation", "requantise", "requantise_torch", "requantise_integer", "fixed_point_multiplier",
+           "maxpool2d",
            "avgpool2d", "flatten", "add", "concat", "exact_dtype", "output_logits", "channel_first"]
 
 MODES = ("torch", "integer")
@@ -92,6 +97,9 @@ class Result:
             the widest sum the layer computed in this run (its integer part),
             before saturation.
         accumulator_bits: the accumulator width the run used.
+        int16_saturations: weight layer name -> number of pair sums that saturated at int16, for the
+            weight layers whose ``kernel`` is ``"fbgemm_avx2"``, in ``"torch"`` mode
+            (see :func:`int16_pair_saturation`).
     """
 
     logits: np.ndarray
@@ -99,6 +107,7 @@ class Result:
     saturations: dict = field(default_factory=dict)
     sum_bits: dict = field(default_factory=dict)
     accumulator_bits: int = 32
+    int16_saturations: dict = field(default_factory=dict)
 
     @property
     def predictions(self) -> np.ndarray:
@@ -251,6 +260,100 @@ def linear(q: np.ndarray, layer: WeightLayer) -> np.ndarray:
     dtype = exact_dtype(layer)
     x = q.astype(dtype) - dtype(layer.in_grid.zero_point)
     return (layer.weight.astype(dtype) @ x).astype(np.int64)
+
+
+#: The int16 range that AVX2's ``vpmaddubsw`` saturates a pair sum to.
+INT16_MIN, INT16_MAX = -(1 << 15), (1 << 15) - 1
+
+
+def _pair_weights(layer: WeightLayer):
+    """The weights as ``(groups, out / groups, K)`` in fbgemm's reduction order, ``K`` padded to even."""
+    w = layer.weight.astype(np.int64)
+    if layer.op == "conv2d":
+        out, cg, kh, kw = w.shape
+        g = layer.groups
+        w = w.reshape(g, out // g, cg, kh, kw).transpose(0, 1, 3, 4, 2).reshape(g, out // g, kh * kw * cg)
+    else:
+        w = w[None]
+    if w.shape[2] % 2:
+        w = np.concatenate([w, np.zeros(w.shape[:2] + (1,), np.int64)], axis=2)
+    return w
+
+
+def int16_pair_saturation(q: np.ndarray, layer: WeightLayer):
+    """What fbgemm's AVX2 kernels lose to int16 saturation: the correction to add to the exact sums.
+
+    PyTorch's int8 kernels on x86 (fbgemm) multiply the raw unsigned input
+    integers ``q`` (zero point not subtracted) by the signed weights with
+    AVX2's ``vpmaddubsw``, which adds each two neighbouring products in
+    int16 with saturation, ``sat16(q[k] * w[k] + q[k+1] * w[k+1])`` for even
+    ``k``, before summing in int32 (the zero point's share, ``zp * sum(w)``,
+    is subtracted afterwards, exactly).  The order ``k`` runs in is the
+    im2col order of a channels-last tensor: kernel row, kernel column, input
+    channel, within each group (padding holds the input's zero point); for a
+    Linear layer, the input features.  An odd last product pairs with 0.
+    Measured on an AVX2 CPU on every fbgemm convolution path (im2col,
+    1x1, depthwise 3x3/5x5, grouped) and on Linear: exact to the integer.
+
+    A pair can saturate only when ``q`` exceeds 127: the x86 qconfig
+    observes activations with ``reduce_range`` (0..127) for that reason, but
+    quantising clamps to the dtype's range (0..255), so inputs beyond the
+    calibrated range reach it.  CPUs with AVX512-VNNI sum in int32
+    (``vpdpbusd``) and never saturate, except in fbgemm's depthwise kernels
+    (AVX2 code on every CPU); the compiler marks the layers that saturate
+    with ``kernel="fbgemm_avx2"``.
+
+    Args:
+        q: the layer's input integers, channel-major: ``(C, N, H, W)`` or ``(F, N)``.
+        layer: a conv2d or linear :class:`WeightLayer`.
+
+    Returns:
+        ``(correction, count)``: int64 array shaped like the layer's sums
+        (``(out, N, Ho, Wo)`` or ``(out, N)``) to add to them, or None when no
+        pair can saturate (the usual case, checked cheaply from the largest
+        input and weights); and how many pair sums saturated.
+    """
+    w = _pair_weights(layer)
+    groups, og, k2 = w.shape
+    pairs = w.reshape(groups, og, k2 // 2, 2)
+    conv = layer.op == "conv2d"
+    zp = int(layer.in_grid.zero_point)
+    top = max(int(q.max(initial=0)), zp if conv and any(layer.padding) else 0)
+    reach = np.abs(pairs).max(axis=1)  # (groups, pairs, 2): the largest |weight| of each product
+    hot = np.argwhere(top * reach.sum(axis=2) > INT16_MAX)
+    if hot.size == 0:
+        return None, 0
+    if conv:
+        (ph, pw), (sh, sw), (dh, dw) = layer.padding, layer.stride, layer.dilation
+        _, cg, kh, kw = layer.weight.shape
+        x = np.pad(q.astype(np.int64), ((0, 0), (0, 0), (ph, ph), (pw, pw)), constant_values=zp)
+        ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
+        shape, depth = (layer.out_channels, q.shape[1], ho, wo), kh * kw * cg
+
+        def column(g, k):  # the raw inputs that product k of group g reads, one per output position
+            r, s, c = k // (kw * cg), k // cg % kw, k % cg
+            return x[g * cg + c, :, r * dh: r * dh + sh * (ho - 1) + 1: sh, s * dw: s * dw + sw * (wo - 1) + 1: sw]
+    else:
+        x, shape, depth = q.astype(np.int64), (layer.out_channels, q.shape[1]), q.shape[0]
+
+        def column(g, k):
+            return x[k]
+    correction, count = None, 0
+    for g, j in hot:
+        u = [column(g, k).reshape(-1) if k < depth else None for k in (2 * j, 2 * j + 1)]
+        bound = u[0] * reach[g, j, 0] + (0 if u[1] is None else u[1] * reach[g, j, 1])
+        rows = np.flatnonzero(bound > INT16_MAX)
+        if rows.size == 0:
+            continue
+        p = u[0][rows, None] * pairs[g, :, j, 0]
+        if u[1] is not None:
+            p += u[1][rows, None] * pairs[g, :, j, 1]
+        lost = np.clip(p, INT16_MIN, INT16_MAX) - p
+        count += int(np.count_nonzero(lost))
+        if correction is None:
+            correction = np.zeros((shape[0], int(np.prod(shape[1:]))), np.int64)
+        correction[g * og: (g + 1) * og, rows] += lost.T
+    return (None if correction is None else correction.reshape(shape)), count
 
 
 def _per_channel(values: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -508,15 +611,37 @@ def _rescale(q: np.ndarray, grid, out, mode: str) -> np.ndarray:
     return requantise_integer(d, np.array([m]), 32) + int(out.zero_point)
 
 
+def _dequantise_fma(q: np.ndarray, grid) -> np.ndarray:
+    """``fma(q, scale, f32(-zero_point * scale))`` rounded once to float32, as PyTorch's vectorised kernels dequantise.
+
+    In float64 ``q * scale`` is exact (8 by 24 bits) and so is its sum with the float32 ``-zero_point * scale``
+    (their bits span fewer than 53), so one rounding to float32 gives the fused multiply-add.
+    """
+    premul = np.float64(f32(grid.scale) * f32(-int(grid.zero_point)))
+    return (q.astype(np.float64) * np.float64(grid.scale) + premul).astype(f32)
+
+
 def add(a: np.ndarray, b: np.ndarray, layer: AddLayer, mode: str = "torch") -> np.ndarray:
     """Residual add of two integer tensors on different grids, onto the output grid.
 
-    * ``"torch"``: exactly PyTorch's ``quantized::add`` (and ``add_relu``) on
-      the CPU: each input dequantised in float32, ``da = f32(a - a_zp) * f32(a_scale)``
-      (likewise ``db``), ``c = da + db`` in float32, then
-      ``rint(c * f32(1 / out_scale)) + out_zp`` clamped to the range.  A
-      nnlab fake-quantised model computes the same: the sum of two
-      fake-quantised tensors, fake-quantised again.
+    * ``"torch"``: each input dequantised in float32, ``c = da + db`` in
+      float32, then ``rint(c * f32(1 / out_scale)) + out_zp`` clamped to the
+      range.  How the inputs are dequantised, by ``layer.rounding``:
+
+      * ``"fake_quant"`` (what the compiler emits for nnlab's models):
+        ``da = f32(a - a_zp) * f32(a_scale)`` (likewise ``db``): the sum of
+        two fake-quantised tensors, fake-quantised again;
+      * ``"qadd"`` (for PyTorch's int8 models): PyTorch's ``quantized::add``
+        and ``add_relu`` on the CPU, whose vectorised loop dequantises with a
+        fused multiply-add, ``da = fma(a, a_scale, f32(-a_zp * a_scale))``
+        (:func:`_dequantise_fma`), measured exact on an AVX2 CPU.  One
+        caveat: the elements at the end of each thread's share of the tensor
+        that do not fill a whole vector step (fewer than 64 on AVX2) go
+        through PyTorch's scalar loop, which dequantises as ``"fake_quant"``
+        does; the two roundings give different integers for a small share of
+        elements (0.07% in one measured add), so such a tail element can,
+        rarely, differ by 1 (none did in the measured networks).
+
     * ``"integer"``: each difference times the fixed-point multiplier of
       ``scale / out_scale``, both aligned on one shift, summed, rounded half up.
 
@@ -526,7 +651,10 @@ def add(a: np.ndarray, b: np.ndarray, layer: AddLayer, mode: str = "torch") -> n
     (ga, gb), out = layer.in_grids, layer.out_grid
     da, db = a.astype(np.int64) - int(ga.zero_point), b.astype(np.int64) - int(gb.zero_point)
     if mode == "torch":
-        c = da.astype(f32) * ga.scale + db.astype(f32) * gb.scale
+        if getattr(layer, "rounding", "fake_quant") == "qadd":
+            c = _dequantise_fma(a, ga) + _dequantise_fma(b, gb)
+        else:
+            c = da.astype(f32) * ga.scale + db.astype(f32) * gb.scale
         v = np.rint(c * (f32(1.0) / out.scale))
     else:
         ma, sa = fixed_point_multiplier(np.array([np.float64(ga.scale) / np.float64(out.scale)]), 30)
@@ -602,12 +730,16 @@ def _check_input(program: Program, x):
     return x
 
 
-def _step(layer, ins, x, mode, accumulator_bits, saturations, sum_bits):
+def _step(layer, ins, x, mode, accumulator_bits, saturations, sum_bits, int16_saturations):
     """Run one layer on its inputs' integers."""
     if isinstance(layer, InputLayer):
         return quantise_input(x, layer)
     if isinstance(layer, WeightLayer):
         acc = conv2d(ins[0], layer) if layer.op == "conv2d" else linear(ins[0], layer)
+        if mode == "torch" and layer.kernel == "fbgemm_avx2":
+            correction, int16_saturations[layer.name] = int16_pair_saturation(ins[0], layer)
+            if correction is not None:
+                acc += correction
         stats = {}
         total, saturations[layer.name] = accumulate_bias(acc, layer, accumulator_bits, stats)
         sum_bits[layer.name] = stats["sum_bits"]
@@ -666,7 +798,8 @@ def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = 
     Args:
         program: from :func:`nnlab.nna.compile_model` or :func:`nnlab.nna.compile_torch_int8`.
         x: float images ``(N, *input shape)`` (NumPy array or torch tensor), finite.
-        mode: requantisation ``"torch"`` (PyTorch's float32 rounding) or
+        mode: requantisation ``"torch"`` (PyTorch's float32 rounding, and its
+            kernels' int16 saturation where a layer's ``kernel`` says so) or
             ``"integer"`` (fixed-point multiplier and shift).
         config: the accelerator (default :data:`~nnlab.nna.config.SERIES2NX`); the run
             uses its ``accumulator_bits``: sums outside that width saturate and are counted.
@@ -684,17 +817,19 @@ def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = 
     check_choice("mode", mode, MODES)
     width = accumulator_width(config, accumulator_bits)
     x = _check_input(program, x)
-    outputs, saturations, sum_bits, values = {}, {}, {}, {}
+    outputs, saturations, sum_bits, int16_saturations, values = {}, {}, {}, {}, {}
     last_use = program.last_uses()
     for i, layer in enumerate(program.layers):
-        q = _step(layer, [values[name] for name in layer.inputs], x, mode, width, saturations, sum_bits)
+        q = _step(layer, [values[name] for name in layer.inputs], x, mode, width, saturations, sum_bits,
+                  int16_saturations)
         values[layer.name] = q
         if trace:
             outputs[layer.name] = channel_first(q)
         for name in layer.inputs:
             if last_use[name] == i:
                 values.pop(name, None)
-    return Result(output_logits(values[program.output.name], program), outputs, saturations, sum_bits, width)
+    return Result(output_logits(values[program.output.name], program), outputs, saturations, sum_bits, width,
+                  int16_saturations)
 
 
 def predict(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = None,

@@ -34,14 +34,20 @@ import numpy as np
 from ..quant.grid import Grid
 
 __all__ = ["InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer", "ConcatLayer", "Program", "OPS",
-           "KERNELS", "AVG_ROUNDINGS", "MAX_BIAS_FRAC_BITS", "describe"]
+           "KERNELS", "AVG_ROUNDINGS", "ADD_ROUNDINGS", "MAX_BIAS_FRAC_BITS", "describe"]
 
 #: Operations the engine runs.
 OPS = ("quantise", "conv2d", "linear", "maxpool2d", "avgpool2d", "flatten", "add", "concat")
-#: How the ``"torch"`` requantisation mode rounds a weight layer, matching PyTorch's CPU kernels exactly:
-#: ``"fbgemm"`` (linear layers, and conv without AVX512-VNNI) or ``"onednn"`` (conv with the x86 engine
-#: on AVX512-VNNI CPUs).  The ``"integer"`` mode ignores it.
-KERNELS = ("fbgemm", "onednn")
+#: Which of PyTorch's CPU kernels the ``"torch"`` requantisation mode reproduces for a weight layer, exactly:
+#: ``"fbgemm"`` (exact int32 sums, fbgemm's rounding: CPUs with AVX512-VNNI), ``"fbgemm_avx2"`` (the same, but
+#: neighbouring products summed in pairs that saturate at int16, as fbgemm's AVX2 code does; see
+#: :func:`nnlab.nna.engine.int16_pair_saturation`) or ``"onednn"`` (conv with the x86 engine on AVX512-VNNI
+#: CPUs).  The ``"integer"`` mode ignores it.
+KERNELS = ("fbgemm", "fbgemm_avx2", "onednn")
+#: How an add dequantises its inputs in ``"torch"`` mode (see :func:`nnlab.nna.engine.add`): ``"fake_quant"``
+#: (``f32(q - zero_point) * scale``, as a fake-quantised model computes it) or ``"qadd"`` (PyTorch's
+#: ``quantized::add`` kernel, vectorised: a fused multiply-add, ``fma(q, scale, f32(-zero_point * scale))``).
+ADD_ROUNDINGS = ("fake_quant", "qadd")
 #: The most fractional bits a weight layer's int32 bias may carry.
 MAX_BIAS_FRAC_BITS = 16
 #: How an average pool rounds (see :func:`nnlab.nna.engine.avgpool2d`): ``"requantise"`` (the mean onto
@@ -124,7 +130,7 @@ class WeightLayer:
         groups: convolution groups (``in`` channels for a depthwise convolution).
         bias_float: float32 ``(out,)``: the float bias of a model quantised by
             PyTorch, which its kernels add in float; None otherwise.
-        kernel: rounding of the ``"torch"`` mode (see :data:`KERNELS`).
+        kernel: the PyTorch kernel the ``"torch"`` mode reproduces, rounding and int16 saturation (see :data:`KERNELS`).
     """
 
     name: str
@@ -271,10 +277,17 @@ class AddLayer(_JoinLayer):
 
     Attributes:
         name, inputs (two names), in_grids (their grids), out_grid, activation (a fused clamp, or None).
+        rounding: how the ``"torch"`` mode dequantises the inputs, one of :data:`ADD_ROUNDINGS`.
     """
 
     op: str = "add"
+    rounding: str = "fake_quant"
     ARITY = (2, 2)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.rounding not in ADD_ROUNDINGS:
+            raise ValueError(f"layer {self.name!r}: rounding must be one of {ADD_ROUNDINGS}, got {self.rounding!r}")
 
 
 @dataclass(eq=False)

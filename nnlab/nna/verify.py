@@ -109,32 +109,59 @@ def compare_modes(program: Program, data, limit: int | None = None) -> pd.DataFr
 def compare_torch_int8(program: Program, qmodel: nn.Module, data, limit: int | None = None) -> pd.DataFrame:
     """Per layer: output integers of the simulator (``"torch"`` mode) that differ from PyTorch's int8 model.
 
+    Every layer of the program is compared with the node of ``qmodel``
+    whose integers it outputs (a layer with a fused ReLU6 with the ReLU6's
+    node), on the same images; each runs on its own inputs, so differences
+    propagate as they would.
+
     Args:
         program: from :func:`nnlab.nna.compile_torch_int8` (``qmodel``).
-        qmodel: the converted PyTorch model.
-        data: DataBundle or test loader.
+        qmodel: the converted PyTorch model, eager or FX.
+        data: DataBundle or test loader (or anything :func:`test_batches` reads).
         limit: at most this many images.
 
     Returns:
-        DataFrame ``layer``, ``values``, ``mismatches``, ``max_diff``; ``attrs["total"]`` the sum of mismatches.
+        DataFrame ``layer``, ``node`` (the node of ``qmodel`` compared),
+        ``values``, ``mismatches``, ``max_diff``, ``int16_saturations`` (pair
+        sums that saturated at int16 in PyTorch's fbgemm AVX2 kernel, emulated
+        by the simulator; 0 for inputs in the calibrated range);
+        ``attrs["total"]`` the sum of mismatches, ``attrs["int16_saturations"]``
+        the sum of saturations.
+
+    Raises:
+        ValueError: a layer of the program that is not a layer of ``qmodel``
+            (compile the program from ``qmodel``), or no test images.
     """
+    from .compiler import _import_torch_int8
     from .torch_int8 import layer_outputs
 
-    counts = {}
+    _, nodes, _ = _import_torch_int8(qmodel, program.input.shape, None)
+    missing = [layer.name for layer in program.layers if layer.name not in nodes]
+    if missing:
+        raise ValueError(f"layers {missing} of program {program.name!r} are not layers of qmodel "
+                         f"({', '.join(nodes)}); compile the program from qmodel with nnlab.nna.compile_torch_int8")
+    counts = {layer.name: [0, 0, 0, 0] for layer in program.layers}
+    images = 0
     for x, _ in test_batches(data, limit):
         ref = layer_outputs(qmodel, x)
-        ours = run(program, x, "torch", trace=True).outputs
-        for name, q in ours.items():
-            if name not in ref:
-                continue
-            d = np.abs(ref[name] - q.astype(np.int64))
-            c = counts.setdefault(name, [0, 0, 0])
+        result = run(program, x, "torch", trace=True)
+        for name, q in result.outputs.items():
+            theirs = ref[nodes[name]]
+            if theirs.size != q.size:
+                raise ValueError(f"layer {name!r} outputs shape {q.shape[1:]} per image but node {nodes[name]!r} of "
+                                 f"qmodel {theirs.shape[1:]}")
+            d = np.abs(theirs.reshape(q.shape) - q.astype(np.int64))  # a mean's (N, C) is its pool's (N, C, 1, 1)
+            c = counts[name]
             c[0] += d.size
             c[1] += int(np.count_nonzero(d))
             c[2] = max(c[2], int(d.max(initial=0)))
-    if not counts:
-        raise ValueError("no layer of the program matches a quantized layer of qmodel by name")
-    table = pd.DataFrame([{"layer": k, "values": v[0], "mismatches": v[1], "max_diff": v[2]}
-                          for k, v in counts.items()])
+        for name, n in result.int16_saturations.items():
+            counts[name][3] += n
+        images += len(x)
+    if images == 0:
+        raise ValueError("data has no test images")
+    table = pd.DataFrame([{"layer": k, "node": nodes[k], "values": v[0], "mismatches": v[1], "max_diff": v[2],
+                           "int16_saturations": v[3]} for k, v in counts.items()])
     table.attrs["total"] = int(table["mismatches"].sum())
+    table.attrs["int16_saturations"] = int(table["int16_saturations"].sum())
     return table
