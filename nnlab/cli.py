@@ -326,8 +326,7 @@ def _main(argv) -> int:
     try:  # a file.py:function is imported and built here, once: the checked network is the one compressed
         model, *_ = check_compress_arguments(args.model, args.dataset, **options)
     except (ValueError, TypeError, OSError, ImportError) as exc:
-        text = " ".join(str(exc).split())
-        parser.error("--model " + text[len("model="):] if text.startswith("model=") else text)
+        parser.error(" ".join(str(exc).split()))
     _check_out(parser, args.out)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"

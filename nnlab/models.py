@@ -614,8 +614,8 @@ def from_factory(spec: str, *, seed: int = 0) -> nn.Module:
                          f"{', '.join(map(repr, defined)) or 'none'}")
     factory = getattr(module, function)
     if not callable(factory):
-        raise TypeError(f"model={spec!r}: {function!r} in {str(path)!r} is a {type(factory).__name__}, "
-                        f"not a function")
+        raise TypeError(f"model={spec!r}: {function!r} in {str(path)!r} is {factory!r} "
+                        f"({type(factory).__name__}), not a function")
     try:
         inspect.signature(factory).bind()
     except TypeError:

@@ -268,7 +268,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
         net.load_state_dict(payload["state_dict"])
         return net
 
-    payload = cached(f"{_file_label(label)}-{data.name}-{data.source}", spec, build, validate=restore,
+    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", spec, build, validate=restore,
                      verbose=verbose)
     net = restore(payload).eval()
     net.nnlab_metrics = dict(payload["metrics"])
@@ -304,7 +304,8 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
         student.load_state_dict(state)
         return student
 
-    payload = cached(f"{_file_label(label)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}", spec, build,
+    file = f"{_file_label(type(teacher).__name__)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
+    payload = cached(file, spec, build,
                      validate=restore, verbose=verbose)
     return restore(payload).eval()
 
@@ -334,7 +335,7 @@ def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, qui
         net.load_state_dict(payload["state_dict"])
         return net
 
-    name = f"{_file_label(label)}-w{weight_bits}a{act_bits}-{method}"
+    name = f"{_file_label(type(sparse).__name__)}-w{weight_bits}a{act_bits}-{method}"
     payload = cached(name, spec, build, validate=restore, verbose=verbose)
     return restore(payload).eval()
 
@@ -384,7 +385,7 @@ def compress(
             from its weights first; False: it is already trained and is the
             fp32 baseline as it is.  A registered name is always trained
             (and cached): ``train=False`` is refused for it.
-        name: how the report and the cache files name the model (default:
+        name: how the report names the model (default:
             the registered name, the ``file.py:function`` text, or the
             module's class name).
 
