@@ -17,8 +17,9 @@ from pathlib import Path
 from ._args import check_bool, check_choice, check_float, check_int, check_positive_int
 from ._catalogue import DATASETS, SOURCES
 
-__all__ = ["parse_model_argument", "resolve_model", "check_module_fits", "check_compress_arguments", "check_quantised_arguments", "check_bits", "check_common",
-           "check_overrides", "check_source", "weight_layer_names"]
+__all__ = ["parse_model_argument", "resolve_model", "check_module_fits", "check_compress_arguments",
+           "check_quantised_arguments", "check_bits", "check_common", "check_overrides", "check_source",
+           "weight_layer_names"]
 
 
 #: How to name a model defined in a Python file, for messages.
