@@ -596,7 +596,10 @@ def from_factory(spec: str, *, seed: int = 0) -> nn.Module:
     if kind != "factory":
         raise ValueError(f"model={spec!r} is a registered model name, not {FACTORY_FORM}; use build_model")
     path, function = where
-    module_name = f"nnlab_factory_{abs(hash(str(path.resolve())))}"
+    import hashlib
+
+    # The same name in every process: the module's classes enter the cache key of what is trained from them.
+    module_name = f"nnlab_factory_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise ImportError(f"model={spec!r}: cannot import {str(path)!r} as a Python file")
