@@ -282,15 +282,14 @@ def test_the_integer_stage_runs_the_integer_requantisation_mode(module_run):
     assert accuracy == pytest.approx(result.stages.iloc[-1]["accuracy"])
 
 
-def test_the_cli_compresses_a_file_model_from_the_cache(module_run, nets, tmp_path):
-    """`--model nets.py:make_net` builds the same network (seed 0) as the module run, so every stage is cached."""
-    result = module_run[0]
+def test_the_cli_compresses_a_file_model(nets, tmp_path):
+    """`--model nets.py:make_net` runs every stage of the user's network to a report named after the file."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}  # progress lines, no bars
     proc = subprocess.run([sys.executable, "-m", "nnlab.cli", "compress", "--model", f"{nets}:make_net", "--quick",
                            "--no-l1", "--sparsity", "0.5", "--weight-bits", "8", "--act-bits", "8",
-                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=600)
+                           "--out", str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "Training" not in proc.stdout and "Pruning" not in proc.stdout, "a cached stage was trained again"
     doc = json.loads((tmp_path / "report.json").read_text())
-    assert doc["settings"]["model"] == f"{nets}:make_net"
-    assert [s["accuracy"] for s in doc["stages"]] == pytest.approx(list(result.stages["accuracy"]))
+    assert doc["settings"]["model"] == f"{nets}:make_net" and doc["settings"]["requantisation"] == "integer"
+    assert [s["stage"] for s in doc["stages"]] == [s for s in pipeline.STAGES if s != "L1 + pruned + distilled"]
+    assert doc["headline"]["accuracy_nna"] > 80, doc["headline"]
