@@ -19,9 +19,31 @@ On LeNet-5 and the offline MNIST test set (1,000 images), one thread:
   256, one thread, best of interleaved repeats in one run;
 * ``widget_update_seconds``: median update of the NNA explorer (one thread).
 
+``models``: one entry per network (LeNet-5, the MobileNetV2-style and the
+small ResNet networks; with ``--torchvision`` also torchvision's ``resnet18``
+and ``mobilenet_v2`` adapted to MNIST), each trained with its recipe (cached),
+quantised after training (PTQ, no pruning) to 8-bit weights (per channel)
+and 8-bit activations and compiled for the simulator; over the 1,000 test
+images:
+
+* ``agreement_fakequant``: top-1 agreement (percent) of the simulator
+  (``"torch"`` requantisation mode) with the PyTorch fake-quantised model it
+  was compiled from; ``agreement_fakequant_integer``: the same for the
+  ``"integer"`` mode (fixed-point multipliers, as an accelerator computes);
+* ``torch_int8_mismatches``: output integers that differ from PyTorch's own
+  int8 model of the same float network, or None when nnlab's import of
+  PyTorch's int8 flow does not cover the network (``torch_int8_note`` says why);
+* ``accuracy_fp32``, ``accuracy_fakequant``, ``accuracy_nna`` (``"torch"``
+  mode), ``accuracy_nna_integer`` and ``accuracy_drop_pp`` (fp32 minus
+  ``accuracy_nna``), percent;
+* ``compression`` and ``energy_ratio``: fp32 dense against the 8/8 program on
+  the Series2NX-like preset (:func:`nnlab.nna.report`);
+* ``sim_images_per_s`` / ``torch_fp32_images_per_s``: the simulator against
+  PyTorch fp32 eager inference of the float network, batch 256, one thread.
+
 Usage::
 
-    python benchmarks/nna.py [--quick] [--json]
+    python benchmarks/nna.py [--quick] [--json] [--torchvision] [--models-only]
 """
 
 from __future__ import annotations
@@ -46,10 +68,76 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
+#: The networks of the ``models`` section; the torchvision ones with ``--torchvision``.
+MODELS = ("lenet5", "mobilenet-mnist", "resnet-mnist")
+TORCHVISION = ("torchvision:resnet18", "torchvision:mobilenet_v2")
+
+
+def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, repeats: int = 3) -> dict:
+    """The ``models`` entry of one network: agreement, exactness, accuracy, costs and speed at 8/8 PTQ."""
+    import torch
+
+    import nnlab
+    from nnlab import nna
+
+    start = time.perf_counter()
+    base = nnlab.cache.pretrained(name, data=data, verbose=False)
+    accuracy_fp32 = nnlab.train.accuracy(base, data)
+    qmodel = nnlab.quant.quantise_model(base, data, weight_bits, act_bits)
+    program = nna.compile_model(qmodel, data.input_shape, name=f"{name} w{weight_bits}a{act_bits}")
+    agree = nna.agreement(program, qmodel, data, mode="torch")
+    agree_int = nna.agreement(program, qmodel, data, mode="integer")
+    summary = nna.summary(nna.report(program, nna.SERIES2NX))
+
+    # PyTorch's own int8 flow, where nnlab's import covers the network.
+    mismatches, note = None, None
+    engine_before = torch.backends.quantized.engine
+    try:
+        qint8 = nna.quantise_torch_int8(base, data)
+        table = nna.compare_torch_int8(nna.compile_torch_int8(qint8), qint8, data)
+        mismatches = int(table.attrs["total"])
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        note = f"not covered by nnlab.nna.quantise_torch_int8: {type(exc).__name__}: {' '.join(str(exc).split())}"
+    finally:
+        torch.backends.quantized.engine = engine_before
+
+    x = torch.cat([xb for xb, _ in data.test])[:256]
+    x_np = x.numpy()
+    sim_times, torch_times = [], []
+    with torch.no_grad():
+        base(x)
+        nna.run(program, x_np)
+        for _ in range(repeats):
+            sim_times.append(_best_seconds(lambda: nna.run(program, x_np), 2))
+            torch_times.append(_best_seconds(lambda: base(x), 2))
+    return {
+        "weight_bits": weight_bits, "act_bits": act_bits, "quantisation": "ptq, weights per channel",
+        "agreement_fakequant": agree["agreement"],
+        "agreement_fakequant_integer": agree_int["agreement"],
+        "torch_int8_mismatches": mismatches,
+        "torch_int8_note": note,
+        "accuracy_fp32": accuracy_fp32,
+        "accuracy_fakequant": agree["accuracy_torch"],
+        "accuracy_nna": agree["accuracy_nna"],
+        "accuracy_nna_integer": agree_int["accuracy_nna"],
+        "accuracy_drop_pp": accuracy_fp32 - agree["accuracy_nna"],
+        "compression": summary["compression"],
+        "energy_ratio": summary["energy_ratio"],
+        "sim_images_per_s": len(x) / min(sim_times),
+        "torch_fp32_images_per_s": len(x) / min(torch_times),
+        "saturations": agree["saturations"],
+        "images": agree["n"],
+        "seconds": time.perf_counter() - start,
+    }
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="quick mode (fewer epochs; as NNLAB_QUICK=1)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    parser.add_argument("--torchvision", action="store_true",
+                        help="also torchvision's resnet18 and mobilenet_v2 in the models section (minutes more)")
+    parser.add_argument("--models-only", action="store_true", help="only the models section")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ["NNLAB_QUICK"] = "1"
@@ -63,6 +151,19 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     nnlab.set_threads(1)
     data = nnlab.data.load_data(verbose=False)
+    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # with --json, stdout is the JSON only
+    names = MODELS + (TORCHVISION if args.torchvision else ())
+    models = {}
+    for name in names:
+        models[name] = model_figures(name, data, repeats=pick(full=5, quick=3))
+        say(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                    for k, v in models[name].items()))
+    if args.models_only:
+        results = {"models": models, "quick": nnlab.quick_mode(), "seconds": time.perf_counter() - start}
+        if args.json:
+            print(json.dumps(results))
+        return results
+
     base = nnlab.cache.pretrained("lenet5", data=data, verbose=False)
     accuracy_fp32 = nnlab.train.accuracy(base, data)
 
@@ -115,13 +216,14 @@ def main(argv=None) -> dict:
         "accuracy_nna": agree["accuracy_nna"],
         "accuracy_fakequant": agree["accuracy_torch"],
         "widget_update_seconds": statistics.median(updates),
+        "models": models,
         "quick": nnlab.quick_mode(),
         "seconds": time.perf_counter() - start,
     }
-    # With --json, stdout carries only the JSON document; the readable lines go to stderr.
-    say = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     say(mismatches.to_string(index=False))
     for key, value in results.items():
+        if key == "models":
+            continue
         say(f"{key:>26}: {value:.4g}" if isinstance(value, float) else f"{key:>26}: {value}")
     if args.json:
         print(json.dumps(results))

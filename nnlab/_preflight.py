@@ -11,12 +11,63 @@ value and what is allowed.
 from __future__ import annotations
 
 import numbers
+import os
+from pathlib import Path
 
 from ._args import check_bool, check_choice, check_float, check_int, check_positive_int
 from ._catalogue import DATASETS, SOURCES
 
-__all__ = ["check_compress_arguments", "check_quantised_arguments", "check_bits", "check_common",
-           "check_overrides", "check_source", "weight_layer_names"]
+__all__ = ["parse_model_argument", "resolve_model", "check_module_fits", "check_compress_arguments",
+           "check_quantised_arguments", "check_bits", "check_common", "check_overrides", "check_source",
+           "weight_layer_names"]
+
+
+#: How to name a model defined in a Python file, for messages.
+FACTORY_FORM = "path/to/file.py:function (a Python file and a function in it that returns an nn.Module)"
+
+
+def parse_model_argument(text: str, name: str = "model") -> tuple:
+    """Read a model given by name: a registered model, or a Python file and a factory function in it.
+
+    Needs no PyTorch (the command line parses ``--model`` with it before
+    loading anything heavy).  Registered names are those of
+    :data:`nnlab.cache.RECIPES` (``"lenet5"``, ``"torchvision:mobilenet_v2"``
+    ...); anything else must have the form ``path/to/file.py:function``, and
+    the file must exist.
+
+    Args:
+        text: the model argument.
+        name: the argument's name, for messages (``"--model"`` on the command line).
+
+    Returns:
+        ``("name", text)`` for a registered model, or
+        ``("factory", Path, function_name)`` for a file and a function.
+
+    Raises:
+        TypeError: ``text`` is not a string.
+        ValueError: neither a registered name nor ``file.py:function`` (the
+            message lists both forms), a function name that is not a Python
+            identifier, or a file that is not a ``.py`` file.
+        FileNotFoundError: the file does not exist.
+    """
+    from .cache import RECIPES
+
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a model name or {FACTORY_FORM}, got {text!r} ({type(text).__name__})")
+    if text in RECIPES:
+        return ("name", text)
+    path, sep, function = text.rpartition(":")
+    names = ", ".join(repr(n) for n in RECIPES)
+    if not sep or not path or not path.endswith(".py"):
+        raise ValueError(f"{name}={text!r} is neither a registered model ({names}) nor {FACTORY_FORM}")
+    if not function.isidentifier():
+        raise ValueError(f"{name}={text!r}: {function!r} is not a Python function name; expected {FACTORY_FORM}")
+    file = Path(os.path.expanduser(path))
+    if not file.exists():
+        raise FileNotFoundError(f"{name}={text!r}: the file {str(file)!r} does not exist")
+    if not file.is_file():
+        raise ValueError(f"{name}={text!r}: {str(file)!r} is not a file")
+    return ("factory", file, function)
 
 
 def check_source(dataset: str, source) -> None:
@@ -72,11 +123,16 @@ def check_overrides(overrides, model: str) -> None:
         check_int(f"overrides[{name!r}]", value, minimum=MIN_BITS, maximum=MAX_BITS)
 
 
-def check_common(model, dataset, source, seed, quick, verbose) -> None:
-    """The arguments every trained-once entry point shares (``dataset`` None: not checked)."""
+def check_common(model, dataset, source, seed, quick, verbose, *, module_allowed: bool = False) -> None:
+    """The arguments every trained-once entry point shares (``dataset`` None: not checked).
+
+    ``model`` must be a registered name; with ``module_allowed``, an
+    ``nn.Module`` passes too (checked by :func:`check_module_fits`).
+    """
     from .cache import RECIPES
 
-    check_choice("model", model, RECIPES)
+    if not (module_allowed and not isinstance(model, str)):
+        check_choice("model", model, RECIPES)
     if dataset is not None:
         check_choice("dataset", dataset, DATASETS)
         check_source(dataset, source)
@@ -86,16 +142,89 @@ def check_common(model, dataset, source, seed, quick, verbose) -> None:
     check_bool("verbose", verbose)
 
 
+def check_module_fits(module, input_shape: tuple, num_classes: int, dataset: str | None = None) -> None:
+    """Refuse, before any training, an ``nn.Module`` nnlab cannot compress for images of ``input_shape``.
+
+    A copy of ``module`` runs one blank image (in eval mode) and must give
+    ``num_classes`` outputs; it must have a Conv2d or Linear layer, and its
+    traced graph (:mod:`nnlab.graph`) must hold only operations the
+    quantisers and the NNA compiler support.
+
+    Raises:
+        TypeError: ``module`` is not an ``nn.Module``.
+        ValueError: it cannot take the images, gives another number of
+            outputs, or has no layer to quantise.
+        nnlab.graph.GraphError: it cannot be traced, or a node is not
+            supported (the message names the node and its operation).
+    """
+    import copy
+
+    import torch
+    from torch import nn
+
+    from .quant import act_quantizer_names
+
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"model must be a model name, {FACTORY_FORM} or a torch.nn.Module, got "
+                        f"{type(module).__name__}")
+    if not any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules()):
+        raise ValueError(f"model {type(module).__name__} has no Conv2d or Linear layer to compress")
+    what = f"the {dataset} images" if dataset else "images"
+    shape = "x".join(str(d) for d in input_shape)
+    net = copy.deepcopy(module).cpu().eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = net(torch.zeros(1, *input_shape))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise ValueError(f"model {type(module).__name__} cannot take {what} ({shape}): {type(exc).__name__}: "
+                         f"{text}; adapt its first layer to {input_shape[0]} input channels and its size") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"model {type(module).__name__} gives outputs of shape {got} for one of {what}, but "
+                         f"the data set has {num_classes} classes: (1, {num_classes}) is needed")
+    act_quantizer_names(net)  # traces and classifies every node: an unsupported one is named now
+
+
+def resolve_model(model, seed: int = 0):
+    """A model argument as :func:`nnlab.pipeline.compress` uses it: a registered name, or an ``nn.Module``.
+
+    A string ``"file.py:function"`` is built with
+    :func:`nnlab.models.from_factory` (seeded with ``seed``).
+
+    Raises:
+        TypeError, ValueError, FileNotFoundError, ImportError: as
+            :func:`parse_model_argument` and :func:`nnlab.models.from_factory`.
+    """
+    if isinstance(model, str):
+        kind, *_ = parse_model_argument(model)
+        if kind == "name":
+            return model
+        from .models import from_factory
+
+        return from_factory(model, seed=seed)
+    from torch import nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a model name, {FACTORY_FORM} or a torch.nn.Module, got {model!r} "
+                        f"({type(model).__name__})")
+    return model
+
+
 def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, act_bits, method, hardware,
-                             device, seed, quick, l1, verbose, budget=None):
+                             device, seed, quick, l1, verbose, budget=None, train=True, name=None):
     """Check every argument of :func:`nnlab.pipeline.compress` before any data is loaded or model trained.
 
     Returns:
-        ``(sparsity as float, hardware, torch.device)``, ``hardware``
-        defaulting to the Series2NX-like preset.
+        ``(model, sparsity as float, hardware, torch.device)``: ``model``
+        a registered name or an ``nn.Module`` (a ``file.py:function`` is
+        built here), ``hardware`` defaulting to the Series2NX-like preset.
 
     Raises:
         ValueError, TypeError: naming the argument, the value and what is allowed.
+        FileNotFoundError, ImportError: a ``file.py:function`` whose file is
+            missing or cannot be imported.
+        nnlab.graph.GraphError: a model with an operation nnlab does not support.
     """
     from . import nna
     from .cache import check_model_fits
@@ -103,7 +232,15 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     from .quant import METHODS
     from .train import resolve_device
 
-    check_common(model, dataset, source, seed, quick, verbose)
+    check_int("seed", seed, minimum=0, maximum=2**63 - 1)
+    model = resolve_model(model, seed)
+    check_common(model, dataset, source, seed, quick, verbose, module_allowed=True)
+    check_bool("train", train)
+    if isinstance(model, str) and not train:
+        raise ValueError(f"train=False needs an nn.Module (a network you trained yourself); model={model!r} is a "
+                         f"registered name, whose baseline is always trained (and cached)")
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise ValueError(f"name must be None or a non-empty string, got {name!r}")
     sparsity = check_float("sparsity", sparsity, 0, 1, high_open=True)
     check_bits("weight_bits", weight_bits)
     check_bits("act_bits", act_bits)
@@ -116,9 +253,9 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
         accumulator_width(hardware)  # an integer accelerator whose accumulator the engine simulates
     except ValueError as exc:
         raise ValueError(f"hardware: {exc}") from None
-    for name, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
+    for arg, bits in (("weight_bits", weight_bits), ("act_bits", act_bits)):
         if not hardware.min_bits <= bits <= hardware.max_bits:
-            raise ValueError(f"{name}={bits} is outside what {hardware.name} supports "
+            raise ValueError(f"{arg}={bits} is outside what {hardware.name} supports "
                              f"({hardware.min_bits}..{hardware.max_bits} bits)")
     if budget is not None:
         from .quant.picker import BUDGETS, _budget
@@ -130,8 +267,12 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
         _budget(budget)
     dev = resolve_device(device)
     spec = DATASETS[dataset]
-    check_model_fits(model, (spec.channels, spec.size, spec.size), len(spec.classes), dataset)
-    return sparsity, hardware, dev
+    shape = (spec.channels, spec.size, spec.size)
+    if isinstance(model, str):
+        check_model_fits(model, shape, len(spec.classes), dataset)
+    else:
+        check_module_fits(model, shape, len(spec.classes), dataset)
+    return model, sparsity, hardware, dev
 
 
 def check_quantised_arguments(model, weight_bits, act_bits, *, method, epochs, sparsity, granularity, overrides,

@@ -264,6 +264,20 @@ def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, data
         raise ValueError(f"model={model!r} gives outputs of shape {tuple(out.shape)} for {num_classes} classes")
 
 
+def _builder_name(builder) -> str:
+    """A name of a model constructor that is the same in every process (no memory address, unlike a repr).
+
+    ``functools.partial(torchvision_model, "resnet18")`` is
+    ``"torchvision_model('resnet18')"``.
+    """
+    import functools
+
+    if isinstance(builder, functools.partial):
+        args = [repr(a) for a in builder.args] + [f"{k}={v!r}" for k, v in sorted(builder.keywords.items())]
+        return f"{_builder_name(builder.func)}({', '.join(args)})"
+    return getattr(builder, "__qualname__", type(builder).__qualname__)
+
+
 def pretrained(
     model: str = "lenet5",
     dataset: str = "mnist",
@@ -318,7 +332,7 @@ def pretrained(
     # Every constructor argument enters the cache key, the registered ones (a stem's stride, a width ...) as well
     # as those that fit the images, so that a changed architecture never loads weights trained for another.
     cls, defaults = MODELS[model]
-    architecture = {"builder": getattr(cls, "__qualname__", repr(cls)), **defaults, **kwargs}
+    architecture = {"builder": _builder_name(cls), **defaults, **kwargs}
     spec = {"model": model, "model_kwargs": kwargs, "architecture": architecture, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}
 

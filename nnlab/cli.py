@@ -27,6 +27,12 @@ Both show how many sums overflowed the accelerator's accumulator (the
 ``overflow`` in the JSON); when any did, the terminal says so too, with the
 accumulator width that would hold them and the accuracy it gives.
 
+``--model`` is a registered network (``lenet5``, ``mobilenet-mnist``,
+``torchvision:resnet18`` ...) or your own: ``--model path/to/file.py:make_net``
+names a Python file and a function in it that returns an ``nn.Module``
+(called with no arguments; it is trained first unless ``--no-train`` says
+that it is trained already, e.g. because the function loads its weights).
+
 Every option (and every ``NNLAB_*`` environment variable) is checked
 before any training starts; options are parsed before PyTorch is even
 loaded, so ``--help`` and a mistyped option answer at once.  Ctrl-C stops
@@ -97,6 +103,16 @@ def _positive_float(name):
     return parse
 
 
+def _model_argument(text):
+    from ._preflight import parse_model_argument
+
+    try:
+        parse_model_argument(text, "--model")
+    except (ValueError, TypeError, OSError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``nnlab`` argument parser (built without loading PyTorch)."""
     from . import __version__
@@ -114,7 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "low-bit retraining -> NNA simulator, with every stage costed. Trained stages are "
                     "cached (NNLAB_CACHE), so a second run takes seconds.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    c.add_argument("--model", choices=sorted(RECIPES), default="lenet5", help="network to compress")
+    c.add_argument("--model", type=_model_argument, default="lenet5", metavar="MODEL",
+                   help=f"network to compress: one of {', '.join(sorted(RECIPES))}, or your own as "
+                        f"path/to/file.py:function (a function that returns an nn.Module)")
+    c.add_argument("--no-train", action="store_true",
+                   help="--model file.py:function returns a trained network: use it as the fp32 baseline as it "
+                        "is (registered models are always trained, and cached)")
     c.add_argument("--dataset", choices=list(DATASETS), default="mnist",
                    help="data set to train and test on (mnist works offline)")
     c.add_argument("--source", choices=list(SOURCES), default=None,
@@ -351,16 +372,17 @@ def _main(argv) -> int:
 
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
                    method=args.method, hardware=hardware, device=args.device, seed=args.seed,
-                   quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress)
+                   quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress,
+                   train=not args.no_train)
     budgets = {"budget_bytes": args.budget_bytes, "budget_energy_uj": args.budget_energy_uj,
                "budget_latency_us": args.budget_latency_us}
     budgets = {k: v for k, v in budgets.items() if v is not None}
     if budgets:
         options["budget"] = budgets
-    try:
-        check_compress_arguments(args.model, args.dataset, **options)
-    except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
+    try:  # a file.py:function is imported and built here, once: the checked network is the one compressed
+        model, *_ = check_compress_arguments(args.model, args.dataset, **options)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        parser.error(" ".join(str(exc).split()))
     _check_out(parser, args.out)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
@@ -374,7 +396,7 @@ def _main(argv) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", AccumulatorOverflowWarning)  # printed below, with the summary
-            result = compress(args.model, args.dataset, **options)
+            result = compress(model, args.dataset, name=args.model, **options)
         write_report(result, args.out)
         if args.onnx:
             from .export import to_onnx

@@ -56,7 +56,7 @@ from ._args import check_choice, check_float, check_positive_int
 
 __all__ = ["NamedSequential", "LeNet300100", "LeNet5", "VGGSmall", "ConvBN", "InvertedResidual",
            "MobileNetV2Small", "BasicBlock", "ResNetSmall", "TORCHVISION_MODELS", "torchvision_model", "MODELS",
-           "build_model", "data_kwargs", "summary", "upgrade_state_dict"]
+           "build_model", "data_kwargs", "from_factory", "summary", "upgrade_state_dict"]
 
 _POSITIONAL_KEY = re.compile(r"^(\d+)(_quant)?(\..*)$")
 
@@ -553,6 +553,88 @@ def build_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
     check_choice("name", name, MODELS)
     cls, defaults = MODELS[name]
     return cls(num_classes=num_classes, **{**defaults, **kwargs})
+
+
+def from_factory(spec: str, *, seed: int = 0) -> nn.Module:
+    """Build a model with a function of your own, defined in a Python file: ``"path/to/file.py:make_net"``.
+
+    The file is imported as a module of its own (each call imports it
+    afresh) and the function is called with no arguments, with PyTorch's
+    random generator seeded with ``seed`` (and restored afterwards), so
+    that the same file gives the same initial weights every time.  The
+    function may build an untrained network or load trained weights.
+
+    Example: a file ``nets.py`` holding
+    ``def make_net(): return torchvision.models.resnet18(num_classes=10)``
+    is used as ``from_factory("nets.py:make_net")``, or
+    ``nnlab compress --model nets.py:make_net`` on the command line.
+
+    Args:
+        spec: ``"path/to/file.py:function"``.
+        seed: seed of PyTorch's generator while the function runs.
+
+    Returns:
+        The ``nn.Module`` the function returned.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: ``spec`` does not have the form ``file.py:function``,
+            the file has no function of that name (the message lists the
+            functions it has), or the function raised an exception (named,
+            with its message).
+        ImportError: importing the file failed (the message has the error).
+        TypeError: the name is not a function, the function needs
+            arguments, or it returned something other than an ``nn.Module``.
+    """
+    import importlib.util
+    import inspect
+    import sys
+
+    from ._preflight import FACTORY_FORM, parse_model_argument
+
+    kind, *where = parse_model_argument(spec)
+    if kind != "factory":
+        raise ValueError(f"model={spec!r} is a registered model name, not {FACTORY_FORM}; use build_model")
+    path, function = where
+    import hashlib
+
+    # The same name in every process: the module's classes enter the cache key of what is trained from them.
+    module_name = f"nnlab_factory_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
+    loader_spec = importlib.util.spec_from_file_location(module_name, path)
+    if loader_spec is None or loader_spec.loader is None:
+        raise ImportError(f"model={spec!r}: cannot import {str(path)!r} as a Python file")
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[module_name] = module  # classes defined in the file can then be found (copy, pickle)
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as exc:
+        sys.modules.pop(module_name, None)
+        raise ImportError(f"model={spec!r}: importing {str(path)!r} failed: {type(exc).__name__}: {exc}") from exc
+    if not hasattr(module, function):
+        defined = sorted(n for n, v in vars(module).items()
+                         if inspect.isfunction(v) and v.__module__ == module_name and not n.startswith("_"))
+        raise ValueError(f"model={spec!r}: {str(path)!r} has no function {function!r}; the functions it defines: "
+                         f"{', '.join(map(repr, defined)) or 'none'}")
+    factory = getattr(module, function)
+    if not callable(factory):
+        raise TypeError(f"model={spec!r}: {function!r} in {str(path)!r} is {factory!r} "
+                        f"({type(factory).__name__}), not a function")
+    try:
+        inspect.signature(factory).bind()
+    except TypeError:
+        raise TypeError(f"model={spec!r}: {function}{inspect.signature(factory)} needs arguments, but it is "
+                        f"called with none; give every parameter a default value") from None
+    except ValueError:  # no signature to inspect (a builtin): just call it
+        pass
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            net = factory()
+        except Exception as exc:
+            raise ValueError(f"model={spec!r}: {function}() raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model={spec!r}: {function}() returned {type(net).__name__}, not a torch.nn.Module")
+    return net
 
 
 def data_kwargs(name: str, input_shape) -> dict:

@@ -1,6 +1,6 @@
 """The whole method in one call: baseline -> eliminate -> reduce -> deploy on the NNA simulator.
 
-:func:`compress` runs every stage of METHOD.md section 4 on one model and
+:func:`compress` runs every stage of the method on one model and
 returns a :class:`CompressionResult`: one table with a row per stage
 (accuracy, sparsity, bit-depths, storage bytes, energy and latency per
 inference) and the artefacts (models, compiled program, cost report).
@@ -19,8 +19,18 @@ Stages, each starting from the previous one's network unless said otherwise:
 6. ``retrained low-bit``: stage 3 quantised and retrained
    (:func:`nnlab.quant.pretrained_quantised`);
 7. ``NNA (integer)``: stage 6 compiled (:func:`nnlab.nna.compile_model`) and
-   run by the integer engine on the test set, with the accelerator's
-   accumulator width (``hardware.accumulator_bits``).
+   run by the engine on the test set in its ``"integer"`` requantisation
+   mode, integers only as an accelerator computes (fixed-point
+   multipliers and shifts, see :mod:`nnlab.nna.engine`), with the
+   accelerator's accumulator width (``hardware.accumulator_bits``).
+
+The model is a registered name (:data:`nnlab.cache.RECIPES`: trained with its
+recipe and cached, as the notebooks do), a Python file and a function in it
+that builds the network (``"path/to/file.py:make_net"``, see
+:func:`nnlab.models.from_factory`), or any ``nn.Module``.  A module is trained
+with :data:`MODULE_RECIPE` from the weights it has (``train=False``: it is the
+fp32 baseline as given, for a network you trained yourself); every later
+stage is cached under a hash of the module's traced graph and weights.
 
 Overflow is a figure, never a secret: the stage table's ``saturated``
 column counts the sums of the NNA stage that overflowed the accumulator and
@@ -48,6 +58,7 @@ Every stage is cached, so a second run takes seconds.
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -62,10 +73,20 @@ from .data import DATASETS, first_images, load_data
 from .models import upgrade_state_dict
 from .train import accuracy, resolve_device
 
-__all__ = ["STAGES", "CompressionResult", "compress", "stage_costs"]
+__all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "CompressionResult", "compress", "stage_costs"]
 
 STAGES = ("fp32 baseline", "pruned", "pruned + distilled", "L1 + pruned + distilled", "PTQ",
           "retrained low-bit", "NNA (integer)")
+
+#: Requantisation mode of the engine in the ``NNA (integer)`` stage (see :data:`nnlab.nna.MODES`).
+NNA_MODE = "integer"
+
+#: Training recipe of an ``nn.Module`` given to :func:`compress` (full-mode, quick-mode epochs).
+MODULE_RECIPE = {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True}
+
+#: Low-bit retraining of an ``nn.Module``'s stage 6: epochs (full, quick) and learning rate,
+#: as :func:`nnlab.quant.pretrained_quantised` retrains the registered models.
+MODULE_RETRAIN = {"epochs": (3, 1), "lr": 0.01}
 
 #: L1 branch: penalty strength and epochs of L1 retraining before coring (full, quick).
 L1_RECIPE = {"strength": 1e-4, "epochs": (4, 1), "lr": 0.02}
@@ -168,8 +189,8 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     recipe = {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
               "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
     l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][pick]}
-    spec = {"teacher": teacher.nnlab_metrics, "data": data.fingerprint, "sparsity": sparsity, "recipe": recipe,
-            "l1": l1, "seed": seed}
+    spec = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
+            "sparsity": sparsity, "recipe": recipe, "l1": l1, "seed": seed}
 
     def build():
         if verbose:
@@ -198,8 +219,139 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     return restore(payload).eval()
 
 
+def weights_hash(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer of ``model`` (names, dtypes, shapes and bytes)."""
+    import torch
+
+    digest = hashlib.sha256()
+    for key, value in model.state_dict().items():
+        value = value.detach().cpu().contiguous()
+        digest.update(f"{key}|{value.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def module_fingerprint(model: nn.Module) -> dict:
+    """What identifies an ``nn.Module`` in the cache: its class, its traced graph (code) and its weights."""
+    from .graph import trace
+
+    code = trace(model).code
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
+            "graph": hashlib.sha256(code.encode()).hexdigest(), "weights": weights_hash(model)}
+
+
+def _file_label(label: str) -> str:
+    """``label`` as a part of a file name: letters, digits, ``-`` and ``_`` only."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")[:40] or "model"
+
+
+def _module_baseline(module, data, *, train, label, quick, device, seed, verbose):
+    """Stage 1 of an ``nn.Module``: trained with :data:`MODULE_RECIPE` from its weights (cached), or as given."""
+    from .data import make_loader
+    from .train import fit
+
+    if not train:
+        net = copy.deepcopy(module).cpu().eval()
+        net.nnlab_metrics = {"top1": accuracy(net, data), "trained": False}
+        return net
+    recipe = MODULE_RECIPE
+    epochs = recipe["epochs"][1 if quick else 0]
+    spec = {"module": module_fingerprint(module), "data": data.fingerprint, "recipe": recipe, "epochs": epochs,
+            "seed": seed}
+
+    def build():
+        if verbose:
+            print(f"Training {label} for {epochs} epochs (done once, then cached) ...")
+        net = copy.deepcopy(module).cpu()
+        loader = make_loader(data.train.dataset.with_augment(recipe["augment"]), recipe["batch_size"],
+                             shuffle=True)
+        history = fit(net, loader, epochs, lr=recipe["lr"], optimizer=recipe["optimizer"], seed=seed,
+                      device=device, desc=f"train {label}", progress=verbose)
+        net.to("cpu")
+        return {"state_dict": net.state_dict(), "metrics": {
+            "top1": accuracy(net, data), "train_seconds": float(history["seconds"].sum()), "epochs": epochs}}
+
+    def restore(payload):
+        net = copy.deepcopy(module).cpu()
+        net.load_state_dict(payload["state_dict"])
+        return net
+
+    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", spec, build, validate=restore,
+                     verbose=verbose)
+    net = restore(payload).eval()
+    net.nnlab_metrics = dict(payload["metrics"])
+    return net
+
+
+def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbose):
+    """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.distill.pretrained_sparse` does (cached)."""
+    from . import distill, prune
+
+    pick = 1 if quick else 0
+    recipe = {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
+              "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
+    spec = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
+            "recipe": recipe, "seed": seed}
+
+    def build():
+        if verbose:
+            print(f"Pruning {label} to {sparsity:.0%} with distillation (done once, then cached) ...")
+        student = copy.deepcopy(teacher)
+        distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
+                                  epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
+                                  lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed,
+                                  progress=verbose)
+        student.to("cpu")
+        return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
+
+    def restore(payload):
+        student = copy.deepcopy(teacher)
+        state = payload["state_dict"]
+        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
+        prune.apply_masks(student, masks)
+        student.load_state_dict(state)
+        return student
+
+    file = f"{_file_label(type(teacher).__name__)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
+    payload = cached(file, spec, build,
+                     validate=restore, verbose=verbose)
+    return restore(payload).eval()
+
+
+def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, quick, device, seed, verbose):
+    """Stage 6 of an ``nn.Module``: stage 3 quantised and retrained as the registered models are (cached)."""
+    from . import quant
+
+    epochs, lr = MODULE_RETRAIN["epochs"][1 if quick else 0], MODULE_RETRAIN["lr"]
+    spec = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
+            "act_bits": act_bits, "method": method, "epochs": epochs, "lr": lr, "seed": seed,
+            "structure": quant.retraining.STRUCTURE_VERSION}
+
+    def build():
+        if verbose:
+            print(f"Quantising {label} to {weight_bits}-bit weights / {act_bits}-bit activations ({method}; "
+                  f"done once, then cached) ...")
+        qmodel = quant.quantise_model(sparse, data, weight_bits, act_bits)
+        quant.retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
+        qmodel.to("cpu")
+        return {"state_dict": qmodel.state_dict(), "metrics": {"top1": accuracy(qmodel, data)}}
+
+    def restore(payload):
+        net = quant.attach_quantisers(sparse, weight_bits, act_bits)
+        for a in quant.act_quantizers(net).values():
+            a.calibrating = False
+        net.load_state_dict(payload["state_dict"])
+        return net
+
+    name = f"{_file_label(type(sparse).__name__)}-w{weight_bits}a{act_bits}-{method}"
+    payload = cached(name, spec, build, validate=restore, verbose=verbose)
+    return restore(payload).eval()
+
+
 def compress(
-    model: str = "lenet5",
+    model: str | nn.Module = "lenet5",
     dataset: str = "mnist",
     *,
     source: str | None = None,
@@ -214,11 +366,20 @@ def compress(
     l1: bool = False,
     verbose: bool = True,
     budget: dict | None = None,
+    train: bool = True,
+    name: str | None = None,
 ) -> CompressionResult:
     """Run baseline -> prune -> distill -> (L1) -> PTQ -> retrain -> NNA, and cost every stage.
 
     Args:
-        model: a model with a training recipe (:data:`nnlab.cache.RECIPES`).
+        model: what to compress: a registered name (:data:`nnlab.cache.RECIPES`,
+            e.g. ``"lenet5"``, ``"mobilenet-mnist"``,
+            ``"torchvision:mobilenet_v2"``); a Python file and a function in
+            it that returns the network, ``"path/to/file.py:make_net"``
+            (called with no arguments, PyTorch seeded with ``seed``); or any
+            ``nn.Module`` (copied, never changed) that takes the data set's
+            images and gives one output per class, made of the operations in
+            :data:`nnlab.graph.SUPPORTED`.
         dataset: ``"mnist"``, ``"fashion-mnist"`` or ``"cifar10"``.
         source: data source (see :func:`nnlab.data.load_data`).
         sparsity: target fraction of zero weights, in ``[0, 1)``.
@@ -235,17 +396,37 @@ def compress(
         budget: also choose per-layer bit-depths and sparsities for one budget on the
             simulated NNA: ``{"budget_bytes": N}``, ``{"budget_energy_uj": E}`` or
             ``{"budget_latency_us": T}`` (see :func:`nnlab.quant.pick_per_layer`).
+        train: for a module (or file), train it with :data:`MODULE_RECIPE`
+            from its weights first; False: it is already trained and is the
+            fp32 baseline as it is.  A registered name is always trained
+            (and cached): ``train=False`` is refused for it.
+        name: how the report names the model (default:
+            the registered name, the ``file.py:function`` text, or the
+            module's class name).
 
     Returns:
-        A :class:`CompressionResult`.
+        A :class:`CompressionResult`; ``settings["model"]`` is ``name``.
+
+    Raises:
+        ValueError, TypeError: a bad argument, named, before anything is
+            trained; a module that cannot take the data set's images.
+        FileNotFoundError, ImportError: a ``file.py:function`` whose file is
+            missing or cannot be imported.
+        nnlab.graph.GraphError: a model with an operation nnlab cannot
+            quantise or compile (the message names the node).
     """
     from . import nna, prune, quant
     from ._preflight import check_compress_arguments
     from .distill import pretrained_sparse
 
-    sparsity, hardware, dev = check_compress_arguments(
+    given = model
+    model, sparsity, hardware, dev = check_compress_arguments(
         model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
-        hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose, budget=budget)
+        hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose, budget=budget,
+        train=train, name=name)
+    registered = isinstance(model, str)
+    if name is None:
+        name = given if isinstance(given, str) else type(model).__name__
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 
@@ -266,25 +447,35 @@ def compress(
         models[stage] = net
         return program, table
 
-    baseline = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
+    steps = dict(label=name, quick=quick, device=dev, seed=seed, verbose=verbose)
+    if registered:
+        baseline = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
+    else:
+        baseline = _module_baseline(model, data, train=train, **steps)
     add("fp32 baseline", baseline, float_model=True)
     cored = prune.core_by_fraction(copy.deepcopy(baseline), sparsity)
     add("pruned", cored, float_model=True)
-    sparse = pretrained_sparse(model, sparsity, data=data, quick=quick, device=dev, seed=seed,
-                               verbose=verbose).cpu()
+    if registered:
+        sparse = pretrained_sparse(model, sparsity, data=data, quick=quick, device=dev, seed=seed,
+                                   verbose=verbose).cpu()
+    else:
+        sparse = _module_sparse(baseline, data, sparsity, **steps)
     add("pruned + distilled", sparse, float_model=True)
     if l1:
         l1_net = _l1_branch(baseline, data, sparsity, quick=quick, device=dev, seed=seed, verbose=verbose)
         add("L1 + pruned + distilled", l1_net, float_model=True)
     ptq = quant.quantise_model(sparse, data, weight_bits, act_bits)
     add("PTQ", ptq, float_model=False, bits=(weight_bits, act_bits))
-    retrained = quant.pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
-                                           data=data, device=dev, seed=seed, quick=quick,
-                                           verbose=verbose).cpu()
+    if registered:
+        retrained = quant.pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
+                                               data=data, device=dev, seed=seed, quick=quick,
+                                               verbose=verbose).cpu()
+    else:
+        retrained = _module_retrained(sparse, data, weight_bits, act_bits, method, **steps).cpu()
     program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
 
     images, labels = first_images(data)
-    simulated = nna.run(program, images.numpy(), config=hardware)
+    simulated = nna.run(program, images.numpy(), NNA_MODE, config=hardware)
     nna_acc = 100.0 * float((simulated.predictions == labels.numpy()).mean())
     overflow = _overflow(program, images.numpy(), labels.numpy(), hardware, simulated, nna_acc)
     if overflow is not None:
@@ -304,10 +495,11 @@ def compress(
 
     stages = pd.DataFrame(rows)
     stages["saturated"] = pd.Series([row.get("saturated") for row in rows], dtype=object)
-    settings = {"model": model, "dataset": dataset, "source": data.source, "sparsity": sparsity,
+    settings = {"model": name, "dataset": dataset, "source": data.source, "sparsity": sparsity,
                 "weight_bits": weight_bits, "act_bits": act_bits, "method": method, "hardware": hardware.name,
-                "accumulator_bits": hardware.accumulator_bits,
-                "device": str(dev), "seed": seed, "quick": quick, "budget": budget}
+                "accumulator_bits": hardware.accumulator_bits, "requantisation": NNA_MODE,
+                "trained": bool(registered or train), "device": str(dev), "seed": seed, "quick": quick,
+                "budget": budget}
     return CompressionResult(stages=stages, settings=settings, models=models, program=program, report=table,
                              data_description=data.description, seconds=time.perf_counter() - start,
                              overflow=overflow, choice=choice)
@@ -327,7 +519,7 @@ def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:
         return None
     needed, wide_accuracy = run.accumulator_bits_needed, None
     while needed <= MAX_ACCUMULATOR_BITS:
-        wide = nna.run(program, images, config=hardware.replace(accumulator_bits=needed))
+        wide = nna.run(program, images, NNA_MODE, config=hardware.replace(accumulator_bits=needed))
         if wide.saturated == 0:
             needed = wide.accumulator_bits_needed  # every sum exact: the width the network needs
             wide_accuracy = 100.0 * float((wide.predictions == labels).mean())

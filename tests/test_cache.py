@@ -67,3 +67,19 @@ def test_atomic_save_leaves_no_partial_file(tmp_path):
 def test_unknown_model_rejected():
     with pytest.raises(ValueError, match="model must be one of"):
         cache.pretrained("alexnet")
+
+
+def test_a_registered_constructor_has_the_same_name_in_every_process():
+    """The cache key names each model's constructor; a repr with a memory address would never match again."""
+    import subprocess
+    import sys
+
+    code = ("from nnlab.cache import _builder_name\nfrom nnlab.models import MODELS\n"
+            "print([_builder_name(c) for c, _ in MODELS.values()])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+            for _ in range(2)}
+    assert len(runs) == 1 and " at 0x" not in runs.pop()
+    from nnlab.cache import _builder_name
+    from nnlab.models import MODELS
+
+    assert _builder_name(MODELS["torchvision:resnet18"][0]) == "torchvision_model('resnet18')"

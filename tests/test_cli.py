@@ -31,7 +31,7 @@ def test_help_documents_every_option(capsys):
     (["--weight-bits", "1"], "--weight-bits must be in 2..16"),
     (["--weight-bits", "3"], "supports 4..16 bits per weight"),
     (["--act-bits", "17"], "--act-bits must be in 2..16"),
-    (["--model", "alexnet"], "invalid choice: 'alexnet'"),
+    (["--model", "alexnet"], "--model='alexnet' is neither a registered model"),
     (["--dataset", "imagenet"], "invalid choice: 'imagenet'"),
     (["--device", "gpu0"], "--device: device must be"),
     (["--method", "magic"], "invalid choice: 'magic'"),
