@@ -336,7 +336,7 @@ class _ExactBuilder(_Builder):
 
     def __init__(self, opset: int, signed_activations: bool):
         super().__init__(opset, "float", signed_activations)
-        self.values, self.inexact = {}, {}
+        self.values, self.inexact, self.warnings = {}, {}, []
 
     def const(self, name: str, value, dtype) -> str:
         return self.init(name, np.asarray(value, dtype))
@@ -353,14 +353,14 @@ class _ExactBuilder(_Builder):
         return self.node("Add", [tensor, shift], f"{reader}_{name}_recentred", reader)
 
     def check_sums(self, layer_name: str, worst: int, what: str):
-        """Warn when ``worst``, the largest possible partial sum, may leave float32's exact integers."""
+        """Record a warning when ``worst``, the largest possible partial sum, may leave float32's exact integers."""
         if worst >= EXACT_FLOAT32:
             self.inexact[layer_name] = int(worst)
-            warnings.warn(f"layer {layer_name!r}: {what} may reach {worst:,} in magnitude, beyond 2**24 = "
-                          f"{EXACT_FLOAT32:,}, where float32 (ONNX Runtime's Conv/Gemm) stops holding every integer; "
-                          f"ONNX Runtime may round those sums and so differ from the simulator, which sums exactly. "
-                          f"Fewer weight or activation bits, or a smaller fan-in, keep the sums exact",
-                          InexactExportWarning, stacklevel=4)
+            self.warnings.append(
+                f"layer {layer_name!r}: {what} may reach {worst:,} in magnitude, beyond 2**24 = {EXACT_FLOAT32:,}, "
+                f"where float32 (ONNX Runtime's Conv/Gemm) stops holding every integer; ONNX Runtime may round "
+                f"those sums and so differ from the simulator, which sums exactly. Fewer weight or activation bits, "
+                f"or a smaller fan-in, keep the sums exact")
 
     def store(self, v: str, grid, layer_name: str, ndim: int, clamp=None):
         """``v`` (float32, to be rounded: the output integer minus the zero point) onto ``grid``.
@@ -694,6 +694,8 @@ def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset:
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     atomic_write(path, proto.SerializeToString())
+    for message in getattr(builder, "warnings", ()):
+        warnings.warn(message, InexactExportWarning, stacklevel=2)
     return proto
 
 
