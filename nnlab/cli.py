@@ -13,8 +13,9 @@ bars, and writes to ``--out``:
 * ``report.json``: the same figures, for scripts (strict JSON: a figure
   that does not exist, such as the bit-depth of a pooling layer, is ``null``);
 * with ``--onnx``, ``model.onnx``: the deployed network as a standard ONNX
-  model in quantize/dequantize form (:func:`nnlab.export.to_onnx`), which
-  ONNX Runtime and model viewers such as Netron open.
+  model in the exact form (:func:`nnlab.export.to_onnx`), which ONNX Runtime
+  computes bit for bit as the simulator does and model viewers such as
+  Netron open.
 
 Both show how many sums overflowed the accelerator's accumulator (the
 ``saturated`` column of the stage table and of the per-layer report, and
@@ -115,8 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-l1", action="store_true", help="skip the L1-regularisation branch")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--onnx", action="store_true",
-                   help="also write model.onnx beside the report: the deployed network in ONNX's quantize/dequantize "
-                        "form (needs the onnx package: pip install \"nnlab[onnx]\")")
+                   help="also write model.onnx beside the report: the deployed network as standard ONNX, in the exact "
+                        "form ONNX Runtime computes as the simulator does (needs the onnx package: "
+                        "pip install \"nnlab[onnx]\")")
     c.add_argument("--out", required=True, type=Path, help="directory for report.html and report.json")
     return parser
 

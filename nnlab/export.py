@@ -2,8 +2,20 @@
 
 :func:`to_onnx` writes the network a model quantised with :mod:`nnlab.quant`
 computes (or a :class:`~nnlab.nna.Program` compiled from one) as a standard
-ONNX model in the *quantize/dequantize* ("QDQ") form that PyTorch, ONNX
-Runtime's own quantiser and the hardware vendors' tools use:
+ONNX model, built only from standard operators and ``QuantizeLinear`` /
+``DequantizeLinear`` (Q/DQ) nodes, in one of two forms:
+
+* ``form="exact"`` (the default): ONNX Runtime computes, bit for bit, what the
+  simulator computes in its default ``"torch"`` mode (:mod:`nnlab.nna.engine`):
+  the same integers in every layer and the same float64 logits.  This is the
+  form to compare with the simulator, or to deploy what was simulated.
+* ``form="qdq"``: the standard quantize/dequantize form that PyTorch, ONNX
+  Runtime's own quantiser and the hardware vendors' tools write, with each
+  tensor's real scale; ONNX Runtime can fuse it into its integer kernels
+  (``QLinearConv``).  It computes the same grid values, but in float32 on the
+  real values, so a few integers round the other way (see below).
+
+The qdq form, and what both forms share:
 
 * the model is first compiled exactly as for the simulator
   (:func:`nnlab.nna.compile_model`): batch norm folded into the weight
@@ -11,8 +23,8 @@ Runtime's own quantiser and the hardware vendors' tools use:
   concatenations; whatever the compiler refuses (a float model, an operation
   the accelerator does not run) is refused here with the compiler's message,
   which names the node;
-* every **weight** tensor is stored as integers (an initializer) followed by
-  ``DequantizeLinear`` with its scale: one scale per tensor when every output
+* every **weight** tensor is stored as integers (an initializer), in both
+  forms, followed by ``DequantizeLinear`` with its scale: one scale per tensor when every output
   channel has the same one, else one per output channel (``axis=0``).  The
   integers are stored in the smallest ONNX integer type that holds the
   grid: ``INT4`` for 2..4 bits (from opset 21), ``INT8`` for 5..8 bits (a 5-bit
@@ -34,12 +46,54 @@ Runtime's own quantiser and the hardware vendors' tools use:
   fractional bits, so that file may round a few more outputs differently).
 * ``signed_activations=True`` stores an unsigned grid in the signed type of
   the same width (integers and zero point shifted by ``2**(bits-1)``: the
-  same real values), the form ONNX Runtime's quantiser calls S8S8.
-* the output is the float logits of the last layer (the simulator's int32
+  same real values), the form ONNX Runtime's quantiser calls S8S8 (both forms).
+* the output is the float32 logits of the last layer (the simulator's int32
   sums times their scale), ``logits`` of shape ``(N, classes)``; the input is
   ``input``, float images ``(N, C, H, W)`` normalised as the data loaders yield them.
 
-**ONNX Runtime against the simulator.**  :func:`run_onnx` runs the file with
+**The exact form.**  Every stored activation is still a ``QuantizeLinear``
+to its integer type (the same integers, the same types as above), but with
+scale 1 and the grid's zero point; the ``DequantizeLinear`` after it, also
+with scale 1, turns the integers back into integer-valued float32 numbers,
+``q - zero_point``.  Weights are dequantised with scale 1 too (the stored
+integers themselves, as float32).  Each operation then follows the
+simulator's own arithmetic, one ONNX operator per step:
+
+* a **weight layer**: ``Conv``/``Gemm`` without bias on those integers gives
+  the exact integer sums ``acc``: every product and partial sum is an integer
+  below 2**24 in magnitude, which float32 holds exactly, in whatever order ONNX
+  Runtime adds them.  :func:`to_onnx` checks this from the weights and the
+  input grid (per output channel, ``sum |w| * max |q - zero_point|``) and
+  warns (:class:`InexactExportWarning`, naming the layer and the bound; the
+  file's metadata ``nnlab.inexact_layers`` lists them) where it cannot be
+  guaranteed.  Then, as :func:`nnlab.nna.engine.requantise_torch`:
+  ``Cast`` to float64, ``* 2**F`` and ``+ bias`` (the int32 bias with its
+  ``F`` fractional bits: exact in float64), ``Cast`` back to float32 (one
+  rounding: ``f32(total)``), ``Mul`` by the float32 per-channel multiplier
+  ``in_scale * weight_scale / out_scale``; for PyTorch's int8 programs the
+  float bias ``f32(bias) / atw`` or oneDNN's order of multiplications.
+  (float64 holds more than twice float32's precision, so a float32 sum or
+  product computed there and rounded once is float32's own; the ``Cast``
+  also keeps ONNX Runtime from fusing the bias into the ``Conv``.)
+* ``QuantizeLinear`` with scale 1 rounds half to even, adds the zero point and
+  saturates: ``np.rint`` and a clamp, as the simulator; a fused ReLU/ReLU6 or a
+  grid narrower than its type is a ``Relu``/``Clip`` at integer bounds before it.
+* the **input**: ``Mul`` by ``f32(1 / scale)`` (the simulator, as PyTorch,
+  multiplies by the reciprocal where the qdq form's ``QuantizeLinear`` divides).
+* a **residual add**: each input times its float32 scale, added, times
+  ``f32(1 / out_scale)``; a **concat**: each input not on the output grid
+  rescaled so (``Round``), then ``Concat``; a **max pool**: ``MaxPool``.
+* an **average pool**: the window sums by a ``Conv`` with a kernel of ones
+  (exact), then the simulator's rounding: ``f32(f64(in_scale) * S / n)`` in
+  float64 for nnlab's models, or one of PyTorch's kernels' roundings for its
+  int8 programs (which the qdq form refuses).
+* the **logits** are float64, as the simulator's: the last layer's int64 sums
+  times their scale, or the output grid's ``(q - zero_point) * scale``.
+
+Only the simulator's ``"integer"`` mode (fixed-point multipliers, round half
+up) is not exported: the exact form follows its default ``"torch"`` mode.
+
+**The qdq form against the simulator.**  :func:`run_onnx` runs the file with
 ONNX Runtime's *basic* graph optimisations by default: it executes the graph
 as written, ``DequantizeLinear``, a float32 convolution, ``QuantizeLinear``.
 Both engines compute the same grid values, but ONNX Runtime sums the
@@ -61,7 +115,9 @@ the test images, and accuracy drops by about one point; with 7-bit weights,
 whose products cannot saturate, on 100%).  ONNX Runtime documents this and
 advises 7-bit weights ("reduce_range") on such CPUs; a CPU with VNNI, or
 another runtime, does not saturate.  This is why nnlab's reference run uses
-the basic level.
+the basic level.  An exact-form file has no group ONNX Runtime can fuse into
+an integer kernel that would compute differently: it gives the same integers
+at every optimisation level (tested at ``"none"``, ``"basic"`` and ``"all"``).
 
 :func:`run_onnx` runs an exported file in ONNX Runtime (CPU) and
 :func:`compare` sets it against the simulator, layer by layer.  Both need
@@ -69,8 +125,9 @@ the optional extra ``pip install "nnlab[onnx]"`` (``onnx`` and ``onnxruntime``).
 
 Example:
     >>> qmodel = nnlab.quant.quantise_model(net, data, weight_bits=4, act_bits=8)
-    >>> nnlab.export.to_onnx(qmodel, "lenet5.onnx")
+    >>> nnlab.export.to_onnx(qmodel, "lenet5.onnx")                # exact: the simulator's integers
     >>> nnlab.export.run_onnx("lenet5.onnx", images).argmax(axis=1)
+    >>> nnlab.export.to_onnx(qmodel, "lenet5-qdq.onnx", form="qdq")  # the standard QDQ form
 """
 
 from __future__ import annotations
@@ -630,18 +687,23 @@ def _program(model, input_shape):
 
 def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET,
             bias: str = "float", signed_activations: bool = False, name: str | None = None):
-    """Write a quantised network as an ONNX model in the quantize/dequantize form (see the module docstring).
+    """Write a quantised network as an ONNX model of standard operators and Q/DQ nodes (see the module docstring).
 
     Args:
         model: a model quantised with :mod:`nnlab.quant` (weights and activations,
             e.g. :func:`nnlab.quant.quantise_model` with ``act_bits``), pruned or not,
             or a :class:`~nnlab.nna.Program` compiled from one.
         path: the ``.onnx`` file to write (written whole or not at all).
+        form: ``"exact"`` (default: ONNX Runtime computes the simulator's integers and
+            float64 logits bit for bit) or ``"qdq"`` (the standard quantize/dequantize form
+            with real scales, which ONNX Runtime can fuse into its integer kernels; float32
+            logits, a few integers rounded differently). One of :data:`FORMS`.
         input_shape: one input's ``(C, H, W)`` (ignored for a Program, which knows it).
         opset: ONNX opset, ``13`` .. the newest the installed ``onnx`` knows (default 21).
             Below 21, 2..4-bit weights are stored in INT8 and more than 8 bits are refused.
-        bias: ``"float"`` (float32 biases, as the fake-quantised model adds them) or
-            ``"int32"`` (int32 on the accumulator's scale, behind a DequantizeLinear).
+        bias: for ``form="qdq"``: ``"float"`` (float32 biases, as the fake-quantised model adds
+            them) or ``"int32"`` (int32 on the accumulator's scale, behind a DequantizeLinear).
+            The exact form adds each bias as the simulator does; it accepts only ``"float"``.
         name: the graph's name (default the program's).
 
     Returns:
@@ -650,8 +712,12 @@ def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset:
     Raises:
         ImportError: ``onnx`` is not installed (says how to install it).
         TypeError: ``model`` is neither a module nor a Program.
-        ValueError: a float model; a bad ``opset`` or ``bias``; a grid ONNX cannot
+        ValueError: a float model; a bad ``form``, ``opset`` or ``bias``; a grid ONNX cannot
             store at that opset; a layer ONNX cannot express (names it).
+
+    Warns:
+        InexactExportWarning: ``form="exact"`` and a layer whose sums may exceed 2**24 in
+            magnitude, where ONNX Runtime's float32 sums may round (names the layer and the bound).
         nnlab.graph.GraphError: a node the compiler refuses (names the node,
             its operation and what is supported).
     """
@@ -752,7 +818,8 @@ def run_onnx(model, images, *, optimization: str = "basic", threads: int = 1, ba
         intermediates: also return every quantised activation, as integers.
 
     Returns:
-        float32 logits ``(N, classes)``; with ``intermediates``, ``(logits, {layer name: integers})``
+        logits ``(N, classes)``: float64 from an exact-form file, float32 from a qdq-form one;
+        with ``intermediates``, ``(logits, {layer name: integers})``
         (the integers of the QuantizeLinear after each layer, ``(N, C, H, W)`` or ``(N, features)``).
 
     Raises:

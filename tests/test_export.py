@@ -184,7 +184,8 @@ def test_sums_float32_cannot_hold_exactly_are_warned_by_layer(tmp_path, images):
                       "wide")
     with pytest.warns(export.InexactExportWarning, match="layer 'wide'.*24,394,160.*2\\*\\*24"):
         _, proto = _export(tmp_path, program)
-    assert json.loads({p.key: p.value for p in proto.metadata_props}["nnlab.inexact_layers"]) == {"wide": 784 * 127 * 245}
+    props = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(props["nnlab.inexact_layers"]) == {"wide": 784 * 127 * 245}
     _export(tmp_path, program, form="qdq")  # the qdq form makes no such promise
 
 
