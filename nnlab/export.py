@@ -90,8 +90,11 @@ simulator's own arithmetic, one ONNX operator per step:
 * the **logits** are float64, as the simulator's: the last layer's int64 sums
   times their scale, or the output grid's ``(q - zero_point) * scale``.
 
-Only the simulator's ``"integer"`` mode (fixed-point multipliers, round half
-up) is not exported: the exact form follows its default ``"torch"`` mode.
+Not exported: the simulator's ``"integer"`` mode (fixed-point multipliers,
+round half up; the exact form follows its default ``"torch"`` mode), and the
+saturation of an accumulator narrower than the sums (a run with a small
+``accumulator_bits``): the file computes the sums in full, as the default
+32-bit accumulator holds every sum the 2**24 bound allows.
 
 **The qdq form against the simulator.**  :func:`run_onnx` runs the file with
 ONNX Runtime's *basic* graph optimisations by default: it executes the graph
@@ -562,7 +565,11 @@ def _exact_pool(b: _ExactBuilder, layer):
     channels = int(b.shapes[layer.inputs[0]][0])
     largest = max(abs(int(grid.quant_min)), abs(int(grid.quant_max))) if raw else _largest_centred(grid)
     b.check_sums(name, n * largest, "its window sums")
-    ones = b.const(f"{name}_window", np.ones((channels, 1, kh, kw), np.float32), np.float32)
+    from onnx import TensorProto, helper
+
+    shape = b.const(f"{name}_window_shape", np.array([channels, 1, kh, kw], np.int64), np.int64)
+    ones = b.node("ConstantOfShape", [shape], f"{name}_window", name,  # a kernel of ones, stored as its shape
+                  value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
     s = b.node("Conv", [x, ones], f"{name}_window_sum", name, group=channels, **geometry)  # exact sums
     zp = int(out.zero_point)
     m = f32(np.float64(grid.scale) / np.float64(out.scale) / n)
