@@ -1,9 +1,10 @@
-"""ONNX export: the quantised network in quantize/dequantize form, run in ONNX Runtime against the simulator.
+"""ONNX export: the quantised network in ONNX, run in ONNX Runtime against the simulator.
 
-ONNX Runtime (CPU) is a second, independent engine: each exported network must give the simulator's top-1
-answers and, layer by layer, its integers (up to the float32 rounding the export module's docstring explains).
-The networks are small and untrained (quantised and calibrated on real digits), so the tests are quick; the
-trained LeNet-5 and MobileNetV2-style figures are in benchmarks/onnx_export.py.
+ONNX Runtime (CPU) is a second, independent engine. The exact form must give the simulator's integers in every
+layer and its logits, bit for bit, at every optimisation level; the qdq form its top-1 answers and, layer by layer,
+its integers up to the float32 rounding the export module's docstring explains. The networks are small and
+untrained (quantised and calibrated on real digits), so the tests are quick; the trained LeNet-5 and
+MobileNetV2-style figures are in benchmarks/onnx_export.py.
 """
 
 import json
