@@ -394,9 +394,9 @@ class _ExactBuilder(_Builder):
     integers (exactly, in float32), or, with ``zero_point`` None, the real logits in float64.
     """
 
-    def __init__(self, opset: int, signed_activations: bool):
+    def __init__(self, opset: int, signed_activations: bool, shapes: dict):
         super().__init__(opset, "float", signed_activations)
-        self.values, self.inexact, self.warnings = {}, {}, []
+        self.values, self.inexact, self.warnings, self.shapes = {}, {}, [], shapes
 
     def const(self, name: str, value, dtype) -> str:
         return self.init(name, np.asarray(value, dtype))
@@ -607,8 +607,7 @@ def _exact_graph(program, opset: int, signed_activations: bool):
     from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
 
     shapes = output_shapes(program)
-    b = _ExactBuilder(opset, signed_activations)
-    b.shapes = shapes
+    b = _ExactBuilder(opset, signed_activations, shapes)
     inp = b.unique("input")
     for layer in program.layers:
         name = layer.name
