@@ -13,8 +13,9 @@ bars, and writes to ``--out``:
 * ``report.json``: the same figures, for scripts (strict JSON: a figure
   that does not exist, such as the bit-depth of a pooling layer, is ``null``);
 * with ``--onnx``, ``model.onnx``: the deployed network as a standard ONNX
-  model in quantize/dequantize form (:func:`nnlab.export.to_onnx`), which
-  ONNX Runtime and model viewers such as Netron open.
+  model in the exact form (:func:`nnlab.export.to_onnx`), which ONNX Runtime
+  computes bit for bit as the simulator does and model viewers such as
+  Netron open.
 
 With ``--budget-bytes N`` (or ``--budget-energy-uj E``, ``--budget-latency-us
 T``) the baseline is also given a weight bit-depth and a sparsity per layer
@@ -155,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also run the L1-regularisation side branch (off by default: the deployed network does not use it)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--onnx", action="store_true",
-                   help="also write model.onnx beside the report: the deployed network in ONNX's quantize/dequantize "
-                        "form (needs the onnx package: pip install \"nnlab[onnx]\")")
+                   help="also write model.onnx beside the report: the deployed network as standard ONNX, in the exact "
+                        "form ONNX Runtime computes as the simulator does (needs the onnx package: "
+                        "pip install \"nnlab[onnx]\")")
     budget = c.add_mutually_exclusive_group()
     budget.add_argument("--budget-bytes", type=_positive_float("--budget-bytes"), default=None,
                         help="also choose a weight bit-depth and a sparsity per layer so that the NNA stores at "

@@ -2,8 +2,20 @@
 
 :func:`to_onnx` writes the network a model quantised with :mod:`nnlab.quant`
 computes (or a :class:`~nnlab.nna.Program` compiled from one) as a standard
-ONNX model in the *quantize/dequantize* ("QDQ") form that PyTorch, ONNX
-Runtime's own quantiser and the hardware vendors' tools use:
+ONNX model, built only from standard operators and ``QuantizeLinear`` /
+``DequantizeLinear`` (Q/DQ) nodes, in one of two forms:
+
+* ``form="exact"`` (the default): ONNX Runtime computes, bit for bit, what the
+  simulator computes in its default ``"torch"`` mode (:mod:`nnlab.nna.engine`):
+  the same integers in every layer and the same float64 logits.  This is the
+  form to compare with the simulator, or to deploy what was simulated.
+* ``form="qdq"``: the standard quantize/dequantize form that PyTorch, ONNX
+  Runtime's own quantiser and the hardware vendors' tools write, with each
+  tensor's real scale; ONNX Runtime can fuse it into its integer kernels
+  (``QLinearConv``).  It computes the same grid values, but in float32 on the
+  real values, so a few integers round the other way (see below).
+
+The qdq form, and what both forms share:
 
 * the model is first compiled exactly as for the simulator
   (:func:`nnlab.nna.compile_model`): batch norm folded into the weight
@@ -11,8 +23,8 @@ Runtime's own quantiser and the hardware vendors' tools use:
   concatenations; whatever the compiler refuses (a float model, an operation
   the accelerator does not run) is refused here with the compiler's message,
   which names the node;
-* every **weight** tensor is stored as integers (an initializer) followed by
-  ``DequantizeLinear`` with its scale: one scale per tensor when every output
+* every **weight** tensor is stored as integers (an initializer), in both
+  forms, followed by ``DequantizeLinear`` with its scale: one scale per tensor when every output
   channel has the same one, else one per output channel (``axis=0``).  The
   integers are stored in the smallest ONNX integer type that holds the
   grid: ``INT4`` for 2..4 bits (from opset 21), ``INT8`` for 5..8 bits (a 5-bit
@@ -34,12 +46,57 @@ Runtime's own quantiser and the hardware vendors' tools use:
   fractional bits, so that file may round a few more outputs differently).
 * ``signed_activations=True`` stores an unsigned grid in the signed type of
   the same width (integers and zero point shifted by ``2**(bits-1)``: the
-  same real values), the form ONNX Runtime's quantiser calls S8S8.
-* the output is the float logits of the last layer (the simulator's int32
+  same real values), the form ONNX Runtime's quantiser calls S8S8 (both forms).
+* the output is the float32 logits of the last layer (the simulator's int32
   sums times their scale), ``logits`` of shape ``(N, classes)``; the input is
   ``input``, float images ``(N, C, H, W)`` normalised as the data loaders yield them.
 
-**ONNX Runtime against the simulator.**  :func:`run_onnx` runs the file with
+**The exact form.**  Every stored activation is still a ``QuantizeLinear``
+to its integer type (the same integers, the same types as above), but with
+scale 1 and the grid's zero point; the ``DequantizeLinear`` after it, also
+with scale 1, turns the integers back into integer-valued float32 numbers,
+``q - zero_point``.  Weights are dequantised with scale 1 too (the stored
+integers themselves, as float32).  Each operation then follows the
+simulator's own arithmetic, one ONNX operator per step:
+
+* a **weight layer**: ``Conv``/``Gemm`` without bias on those integers gives
+  the exact integer sums ``acc``: every product and partial sum is an integer
+  below 2**24 in magnitude, which float32 holds exactly, in whatever order ONNX
+  Runtime adds them.  :func:`to_onnx` checks this from the weights and the
+  input grid (per output channel, ``sum |w| * max |q - zero_point|``) and
+  warns (:class:`InexactExportWarning`, naming the layer and the bound; the
+  file's metadata ``nnlab.inexact_layers`` lists them) where it cannot be
+  guaranteed.  Then, as :func:`nnlab.nna.engine.requantise_torch`:
+  ``Cast`` to float64, ``* 2**F`` and ``+ bias`` (the int32 bias with its
+  ``F`` fractional bits: exact in float64), ``Cast`` back to float32 (one
+  rounding: ``f32(total)``), ``Mul`` by the float32 per-channel multiplier
+  ``in_scale * weight_scale / out_scale``; for PyTorch's int8 programs the
+  float bias ``f32(bias) / atw`` or oneDNN's order of multiplications.
+  (float64 holds more than twice float32's precision, so a float32 sum or
+  product computed there and rounded once is float32's own; the ``Cast``
+  also keeps ONNX Runtime from fusing the bias into the ``Conv``.)
+* ``QuantizeLinear`` with scale 1 rounds half to even, adds the zero point and
+  saturates: ``np.rint`` and a clamp, as the simulator; a fused ReLU/ReLU6 or a
+  grid narrower than its type is a ``Relu``/``Clip`` at integer bounds before it.
+* the **input**: ``Mul`` by ``f32(1 / scale)`` (the simulator, as PyTorch,
+  multiplies by the reciprocal where the qdq form's ``QuantizeLinear`` divides).
+* a **residual add**: each input times its float32 scale, added, times
+  ``f32(1 / out_scale)``; a **concat**: each input not on the output grid
+  rescaled so (``Round``), then ``Concat``; a **max pool**: ``MaxPool``.
+* an **average pool**: the window sums by a ``Conv`` with a kernel of ones
+  (exact), then the simulator's rounding: ``f32(f64(in_scale) * S / n)`` in
+  float64 for nnlab's models, or one of PyTorch's kernels' roundings for its
+  int8 programs (which the qdq form refuses).
+* the **logits** are float64, as the simulator's: the last layer's int64 sums
+  times their scale, or the output grid's ``(q - zero_point) * scale``.
+
+Not exported: the simulator's ``"integer"`` mode (fixed-point multipliers,
+round half up; the exact form follows its default ``"torch"`` mode), and the
+saturation of an accumulator narrower than the sums (a run with a small
+``accumulator_bits``): the file computes the sums in full, as the default
+32-bit accumulator holds every sum the 2**24 bound allows.
+
+**The qdq form against the simulator.**  :func:`run_onnx` runs the file with
 ONNX Runtime's *basic* graph optimisations by default: it executes the graph
 as written, ``DequantizeLinear``, a float32 convolution, ``QuantizeLinear``.
 Both engines compute the same grid values, but ONNX Runtime sums the
@@ -61,7 +118,9 @@ the test images, and accuracy drops by about one point; with 7-bit weights,
 whose products cannot saturate, on 100%).  ONNX Runtime documents this and
 advises 7-bit weights ("reduce_range") on such CPUs; a CPU with VNNI, or
 another runtime, does not saturate.  This is why nnlab's reference run uses
-the basic level.
+the basic level.  An exact-form file has no group ONNX Runtime can fuse into
+an integer kernel that would compute differently: it gives the same integers
+at every optimisation level (tested at ``"none"``, ``"basic"`` and ``"all"``).
 
 :func:`run_onnx` runs an exported file in ONNX Runtime (CPU) and
 :func:`compare` sets it against the simulator, layer by layer.  Both need
@@ -69,19 +128,21 @@ the optional extra ``pip install "nnlab[onnx]"`` (``onnx`` and ``onnxruntime``).
 
 Example:
     >>> qmodel = nnlab.quant.quantise_model(net, data, weight_bits=4, act_bits=8)
-    >>> nnlab.export.to_onnx(qmodel, "lenet5.onnx")
+    >>> nnlab.export.to_onnx(qmodel, "lenet5.onnx")                # exact: the simulator's integers
     >>> nnlab.export.run_onnx("lenet5.onnx", images).argmax(axis=1)
+    >>> nnlab.export.to_onnx(qmodel, "lenet5-qdq.onnx", form="qdq")  # the standard QDQ form
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 __all__ = ["to_onnx", "run_onnx", "compare", "node_table", "weight_storage", "DEFAULT_OPSET", "MIN_OPSET",
-           "BIASES", "OPTIMIZATIONS", "require_onnx"]
+           "BIASES", "FORMS", "OPTIMIZATIONS", "InexactExportWarning", "EXACT_FLOAT32", "require_onnx"]
 
 #: The opset :func:`to_onnx` writes by default: the first with 4- and 16-bit integer types in (De)QuantizeLinear.
 DEFAULT_OPSET = 21
@@ -89,6 +150,10 @@ DEFAULT_OPSET = 21
 MIN_OPSET = 13
 #: How :func:`to_onnx` stores biases.
 BIASES = ("float", "int32")
+#: The forms :func:`to_onnx` writes: ``"exact"`` (the simulator's arithmetic, bit for bit) and ``"qdq"``.
+FORMS = ("exact", "qdq")
+
+f32 = np.float32
 
 INSTALL_HINT = 'install the optional extra: pip install "nnlab[onnx]" (the onnx and onnxruntime packages)'
 
@@ -301,6 +366,309 @@ def _graph(program, opset: int, bias: str, signed_activations: bool):
     return helper.make_graph(b.nodes, program.name, [x], [y], initializer=b.inits), b
 
 
+# ----------------------------------------------------------------------------- the exact form
+#: Sums of integer-valued float32 numbers are exact while every partial sum stays below this in magnitude.
+EXACT_FLOAT32 = 2 ** 24
+
+
+class InexactExportWarning(UserWarning):
+    """A layer of an exact-form export may compute sums that float32 cannot hold exactly (above 2**24)."""
+
+
+def _along(values, ndim: int) -> np.ndarray:
+    """Per-channel constants shaped to broadcast along axis 1 of an ``ndim``-dimensional ``(N, C, ...)`` tensor."""
+    values = np.asarray(values)
+    return values.reshape((-1,) + (1,) * (ndim - 2)) if ndim > 2 else values.reshape(-1)
+
+
+def _largest_centred(grid) -> int:
+    """The largest ``|q - zero_point|`` on a per-tensor grid."""
+    zp = int(grid.zero_point)
+    return max(zp - int(grid.quant_min), int(grid.quant_max) - zp)
+
+
+class _ExactBuilder(_Builder):
+    """The exact form: every stored activation is an integer-valued float32 tensor centred on its zero point.
+
+    ``values[name]`` is ``(tensor, zero_point, ndim)``: the tensor holds ``q - zero_point`` of layer ``name``'s
+    integers (exactly, in float32), or, with ``zero_point`` None, the real logits in float64.
+    """
+
+    def __init__(self, opset: int, signed_activations: bool, shapes: dict):
+        super().__init__(opset, "float", signed_activations)
+        self.values, self.inexact, self.warnings, self.shapes = {}, {}, [], shapes
+
+    def const(self, name: str, value, dtype) -> str:
+        return self.init(name, np.asarray(value, dtype))
+
+    def centred(self, name: str, zero_point: int, reader: str) -> str:
+        """Layer ``name``'s output as ``q - zero_point`` (the reader's view of it), integer-valued float32."""
+        tensor, zp, _ = self.values[name]
+        if zp is None:
+            raise ValueError(f"layer {reader!r} reads {name!r}, whose sums are not stored on a grid (a weight layer "
+                             f"without an output grid is the network's last); the exact form cannot export that")
+        if zp == zero_point:
+            return tensor
+        shift = self.const(f"{reader}_from_{name}_zero_point", np.float32(zp - zero_point), np.float32)
+        return self.node("Add", [tensor, shift], f"{reader}_{name}_recentred", reader)
+
+    def check_sums(self, layer_name: str, worst: int, what: str):
+        """Record a warning when ``worst``, the largest possible partial sum, may leave float32's exact integers."""
+        if worst >= EXACT_FLOAT32:
+            self.inexact[layer_name] = int(worst)
+            self.warnings.append(
+                f"layer {layer_name!r}: {what} may reach {worst:,} in magnitude, beyond 2**24 = {EXACT_FLOAT32:,}, "
+                f"where float32 (ONNX Runtime's Conv/Gemm) stops holding every integer; ONNX Runtime may round "
+                f"those sums and so differ from the simulator, which sums exactly. Fewer weight or activation bits, "
+                f"or a smaller fan-in, keep the sums exact")
+
+    def store(self, v: str, grid, layer_name: str, ndim: int, clamp=None):
+        """``v`` (float32, to be rounded: the output integer minus the zero point) onto ``grid``.
+
+        Clip/Relu to the clamp range (centred: rounding is monotone and the bounds are integers),
+        QuantizeLinear with scale 1 (round half to even, add the zero point, saturate),
+        DequantizeLinear with scale 1 (the centred integer again, for the next layers).
+        """
+        signed = grid.signed or self.signed_activations
+        kind, dtype, low, high = _container(grid.bits, signed, self.opset, False,
+                                            f"the activations of layer {layer_name!r}")
+        zp = int(grid.zero_point)
+        lo, hi = clamp if clamp is not None else (int(grid.quant_min), int(grid.quant_max))
+        offset = -(1 << (grid.bits - 1)) if signed and not grid.signed else 0  # unsigned grid in a signed type
+        stored_zp = zp + offset
+        if (lo - zp, hi - zp) != (low - stored_zp, high - stored_zp):
+            if lo == zp and hi - zp == high - stored_zp:
+                v = self.node("Relu", [v], f"{layer_name}_relu", layer_name)
+            else:
+                bounds = [self.const(f"{layer_name}_clip_{end}", np.float32(b - zp), np.float32)
+                          for end, b in (("low", lo), ("high", hi))]
+                v = self.node("Clip", [v] + bounds, f"{layer_name}_clip", layer_name)
+        one = self.const(f"{layer_name}_unit_scale", np.float32(1.0), np.float32)
+        z = self.const(f"{layer_name}_zero_point", stored_zp, dtype)
+        q = self.node("QuantizeLinear", [v, one, z], f"{layer_name}_quantised", layer_name)
+        self.integer_tensors[layer_name] = q
+        self.offsets[layer_name] = offset
+        centred = self.node("DequantizeLinear", [q, one, z], f"{layer_name}_centred", layer_name)
+        self.values[layer_name] = (centred, zp, ndim)
+
+    def weight_sums(self, layer, x: str, ndim: int) -> str:
+        """The exact integer sums ``acc`` of a weight layer (float32), checking they stay exact."""
+        from onnx import TensorProto
+
+        name, grid = layer.name, layer.weight_grid
+        kind, dtype, low, high = _container(grid.bits, True, self.opset, True, f"the weights of layer {name!r}")
+        codes = layer.weight
+        if codes.min(initial=0) < low or codes.max(initial=0) > high:
+            raise ValueError(f"layer {name!r}: weight integers {codes.min()}..{codes.max()} do not fit the "
+                             f"{grid.bits}-bit grid")
+        self.weight_bits[name] = int(grid.bits)
+        if kind in (TensorProto.INT4, TensorProto.UINT4):
+            w = self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
+                          values=_pack_4bit(codes), raw=True)
+        else:
+            w = self.init(f"{name}.weight_quantised", codes.astype(dtype))
+        one = self.const(f"{name}.weight_unit_scale", np.float32(1.0), np.float32)
+        wf = self.node("DequantizeLinear", [w, one], f"{name}.weight_integers", name)
+        per_channel = np.abs(codes.reshape(codes.shape[0], -1).astype(np.int64)).sum(axis=1)
+        self.check_sums(name, int(per_channel.max(initial=0)) * _largest_centred(layer.in_grid),
+                        "its sums (sum |weight integers| x largest |input - zero point|)")
+        if layer.op == "conv2d":
+            return self.node("Conv", [x, wf], f"{name}_sum", name,
+                             kernel_shape=[int(k) for k in codes.shape[2:]], strides=list(layer.stride),
+                             pads=_pads(layer.padding), dilations=list(layer.dilation), group=int(layer.groups))
+        return self.node("Gemm", [x, wf], f"{name}_sum", name, transB=1)
+
+    def double(self, x: str, name: str, what: str) -> str:
+        from onnx import TensorProto
+
+        return self.node("Cast", [x], f"{name}_{what}", name, to=TensorProto.DOUBLE)
+
+    def single(self, x: str, name: str, what: str) -> str:
+        from onnx import TensorProto
+
+        return self.node("Cast", [x], f"{name}_{what}", name, to=TensorProto.FLOAT)
+
+
+def _exact_weight_layer(b: _ExactBuilder, layer):
+    """A weight layer in the exact form, following :func:`nnlab.nna.engine.requantise_torch` operation by operation.
+
+    ``acc`` (exact, float32) goes to float64 (exact) for the bias, and back to float32 in one rounding: float64
+    carries more than twice float32's precision, so a float32 sum or product computed there and rounded once
+    to float32 is exactly float32's own; the Cast also keeps ONNX Runtime from fusing the bias into the Conv.
+    """
+    name, ndim = layer.name, 4 if layer.op == "conv2d" else 2
+    x = b.centred(layer.inputs[0], int(layer.in_grid.zero_point), name)
+    acc = b.weight_sums(layer, x, ndim)
+    ws = layer.weight_grid.scale  # float32, one per output channel
+    frac = layer.bias_frac_bits
+    if layer.out_grid is None:  # the logits: float64, as engine.output_logits computes them
+        total = b.double(acc, name, "sum_f64")
+        if frac:
+            total = b.node("Mul", [total, b.const(f"{name}_frac_unit", _along(np.float64(2.0 ** frac), 2), np.float64)],
+                           f"{name}_sum_shifted", name)
+        total = b.node("Add", [total, b.const(f"{name}.bias_integers", _along(layer.bias.astype(np.float64), ndim),
+                                               np.float64)], f"{name}_total", name)
+        if layer.activation is not None:
+            total = b.node("Relu", [total], f"{name}_relu", name)
+        scale = np.float64(layer.in_grid.scale) * ws.astype(np.float64) * 2.0 ** -frac
+        b.values[name] = (b.node("Mul", [total, b.const(f"{name}_logit_scale", _along(scale, ndim), np.float64)],
+                                 f"{name}_logits", name), None, ndim)
+        return
+    in_scale, out_scale = layer.in_grid.scale, layer.out_grid.scale
+    clamp = layer.out_grid.clamp_range(layer.activation)
+    if layer.kernel == "onednn":
+        src = f32(1.0) / f32(1.0 / float(in_scale))
+        v = b.node("Mul", [b.double(acc, name, "sum_f64"), b.const(f"{name}_input_scale", src, np.float64)],
+                   f"{name}_times_input_scale_f64", name)
+        v = b.single(v, name, "times_input_scale")
+        v = b.node("Mul", [v, b.const(f"{name}.weight_scale", _along(ws, ndim), np.float32)],
+                   f"{name}_real", name)
+        if layer.bias_float is not None:
+            v = b.node("Add", [v, b.const(f"{name}.bias", _along(layer.bias_float.astype(f32), ndim), np.float32)],
+                       f"{name}_biased", name)
+        if layer.activation is not None and layer.activation[0] == 0.0:
+            v = b.node("Relu", [v], f"{name}_relu_real", name)
+        v = b.node("Mul", [v, b.const(f"{name}_inverse_output_scale", f32(1.0 / float(out_scale)), np.float32)],
+                   f"{name}_on_grid", name)
+        return b.store(v, layer.out_grid, name, ndim, clamp)
+    atw = in_scale * ws  # float32, as requantise_torch
+    mult = atw / out_scale
+    total = b.double(acc, name, "sum_f64")
+    if layer.bias_float is not None:  # f32(acc) + f32(bias) / atw, in float32
+        bias = layer.bias_float.astype(f32) / atw
+        total = b.node("Add", [total, b.const(f"{name}.bias_over_scale", _along(bias.astype(np.float64), ndim),
+                                              np.float64)], f"{name}_total_f64", name)
+    else:  # f32(acc * 2**F + bias): exact in float64, rounded once to float32
+        if frac:
+            total = b.node("Mul", [total, b.const(f"{name}_frac_unit", np.float64(2.0 ** frac), np.float64)],
+                           f"{name}_sum_shifted", name)
+            mult = mult * f32(2.0 ** -frac)  # a power of two: exact
+        total = b.node("Add", [total, b.const(f"{name}.bias_integers", _along(layer.bias.astype(np.float64), ndim),
+                                              np.float64)], f"{name}_total_f64", name)
+    v = b.node("Mul", [b.single(total, name, "total"), b.const(f"{name}_multiplier", _along(mult, ndim), np.float32)],
+               f"{name}_on_grid", name)
+    b.store(v, layer.out_grid, name, ndim, clamp)
+
+
+def _exact_pool(b: _ExactBuilder, layer):
+    """A pooling layer in the exact form, following :func:`nnlab.nna.engine.maxpool2d` and ``avgpool2d``."""
+    name, grid, out = layer.name, layer.in_grid, layer.out_grid
+    geometry = dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride), pads=_pads(layer.padding))
+    if layer.op == "maxpool2d":  # the integers' maximum; padding never wins
+        y = b.node("MaxPool", [b.centred(layer.inputs[0], int(out.zero_point), name)], f"{name}_max", name,
+                   **geometry)
+        return b.store(y, out, name, 4)
+    (kh, kw), rounding = layer.kernel_size, layer.rounding
+    n = kh * kw
+    raw = rounding in ("raw_scaled", "raw")  # sums of the integers themselves, the zero point never subtracted
+    x = b.centred(layer.inputs[0], 0 if raw else int(grid.zero_point), name)
+    channels = int(b.shapes[layer.inputs[0]][0])
+    largest = max(abs(int(grid.quant_min)), abs(int(grid.quant_max))) if raw else _largest_centred(grid)
+    b.check_sums(name, n * largest, "its window sums")
+    from onnx import TensorProto, helper
+
+    shape = b.const(f"{name}_window_shape", np.array([channels, 1, kh, kw], np.int64), np.int64)
+    ones = b.node("ConstantOfShape", [shape], f"{name}_window", name,  # a kernel of ones, stored as its shape
+                  value=helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0]))
+    s = b.node("Conv", [x, ones], f"{name}_window_sum", name, group=channels, **geometry)  # exact sums
+    zp = int(out.zero_point)
+    m = f32(np.float64(grid.scale) / np.float64(out.scale) / n)
+    if rounding == "requantise":  # f32(f64(in_scale) * S / n), then times f32(1 / out_scale)
+        mean = b.node("Mul", [b.double(s, name, "window_sum_f64"),
+                              b.const(f"{name}_input_scale", np.float64(grid.scale), np.float64)],
+                      f"{name}_real_sum", name)
+        mean = b.single(b.node("Div", [mean, b.const(f"{name}_count", np.float64(n), np.float64)],
+                               f"{name}_mean_f64", name), name, "mean")
+        v = b.node("Mul", [mean, b.const(f"{name}_inverse_output_scale", f32(1.0) / out.scale, np.float32)],
+                   f"{name}_on_grid", name)
+    elif rounding == "scaled":
+        v = b.node("Mul", [s, b.const(f"{name}_multiplier", m, np.float32)], f"{name}_on_grid", name)
+    elif rounding in ("scaled_zp", "raw_scaled"):  # rounded with (scaled_zp) or without (raw_scaled) the zero point
+        v = b.node("Mul", [s, b.const(f"{name}_multiplier", m, np.float32)], f"{name}_scaled", name)
+        if rounding == "scaled_zp":
+            v = b.node("Add", [v, b.const(f"{name}_zero_point_f32", f32(zp), np.float32)], f"{name}_shifted", name)
+        v = b.node("Round", [v], f"{name}_rounded", name)
+        v = b.node("Sub", [v, b.const(f"{name}_zero_point_f32", f32(zp), np.float32)], f"{name}_centred_mean", name)
+    else:  # "raw": rint(R / n) in float64
+        v = b.node("Div", [b.double(s, name, "window_sum_f64"), b.const(f"{name}_count", np.float64(n), np.float64)],
+                   f"{name}_mean_f64", name)
+        v = b.node("Round", [v], f"{name}_rounded", name)
+        v = b.node("Sub", [v, b.const(f"{name}_zero_point_f64", np.float64(zp), np.float64)], f"{name}_centred_f64",
+                   name)
+        v = b.single(v, name, "centred_mean")
+    b.store(v, out, name, 4, out.clamp_range(layer.activation))
+
+
+def _exact_graph(program, opset: int, signed_activations: bool):
+    """The exact form's GraphProto of ``program`` (see :func:`to_onnx`) and the builder that made it."""
+    from onnx import TensorProto, helper
+
+    from .nna.compiler import output_shapes
+    from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
+
+    shapes = output_shapes(program)
+    b = _ExactBuilder(opset, signed_activations, shapes)
+    inp = b.unique("input")
+    for layer in program.layers:
+        name = layer.name
+        if isinstance(layer, InputLayer):  # clamp(rint(x * f32(1 / scale)) + zero_point), as Grid.quantise
+            grid = layer.grid
+            v = b.node("Mul", [inp, b.const(f"{name}_inverse_scale", f32(1.0) / grid.scale, np.float32)],
+                       f"{name}_on_grid", name)
+            b.store(v, grid, name, 1 + len(layer.shape))
+        elif isinstance(layer, WeightLayer):
+            _exact_weight_layer(b, layer)
+        elif isinstance(layer, PoolLayer):
+            _exact_pool(b, layer)
+        elif isinstance(layer, FlattenLayer):  # the integers unchanged, in PyTorch's order
+            src, zp, ndim = b.values[layer.inputs[0]]
+            if zp is not None and layer.out_grid is not None:
+                zp = int(layer.out_grid.zero_point)
+                src = b.centred(layer.inputs[0], zp, name)
+            y = b.node("Flatten", [src], f"{name}_flat", name, axis=1) if ndim > 2 else src
+            if zp is not None and layer.out_grid is not None:
+                b.store(y, layer.out_grid, name, 2)
+            else:
+                b.values[name] = (y, zp, 2)
+        elif isinstance(layer, AddLayer):  # f32(a - zp_a) * s_a + f32(b - zp_b) * s_b, times f32(1 / out_scale)
+            real = [b.node("Mul", [b.centred(src, int(g.zero_point), name),
+                                   b.const(f"{name}_scale_{i}", g.scale, np.float32)], f"{name}_real_{i}", name)
+                    for i, (src, g) in enumerate(zip(layer.inputs, layer.in_grids))]
+            c = b.node("Add", real, f"{name}_sum", name)
+            v = b.node("Mul", [c, b.const(f"{name}_inverse_output_scale", f32(1.0) / layer.out_grid.scale,
+                                          np.float32)], f"{name}_on_grid", name)
+            b.store(v, layer.out_grid, name, b.values[layer.inputs[0]][2],
+                    layer.out_grid.clamp_range(layer.activation))
+        elif isinstance(layer, ConcatLayer):  # each input rescaled (engine._rescale) unless already on the grid
+            out, parts = layer.out_grid, []
+            for i, (src, g) in enumerate(zip(layer.inputs, layer.in_grids)):
+                if g == out:
+                    parts.append(b.centred(src, int(out.zero_point), name))
+                    continue
+                v = b.node("Mul", [b.centred(src, int(g.zero_point), name),
+                                   b.const(f"{name}_scale_{i}", g.scale, np.float32)], f"{name}_real_{i}", name)
+                v = b.node("Mul", [v, b.const(f"{name}_inverse_output_scale_{i}", f32(1.0) / out.scale, np.float32)],
+                           f"{name}_on_grid_{i}", name)
+                parts.append(b.node("Round", [v], f"{name}_rounded_{i}", name))
+            y = b.node("Concat", parts, f"{name}_cat", name, axis=1)
+            b.store(y, out, name, b.values[layer.inputs[0]][2], out.clamp_range(layer.activation))
+        else:
+            raise ValueError(f"layer {name!r} is a {type(layer).__name__} ({getattr(layer, 'op', '?')}), which "
+                             f"the ONNX export does not know; supported: the program layers of nnlab.nna")
+    tensor, zp, _ = b.values[program.output.name]
+    if zp is not None:  # (q - zero_point) * scale in float64, as engine.output_logits
+        last = program.output
+        while isinstance(last, FlattenLayer) and last.out_grid is None:
+            last = program.layer(last.inputs[0])
+        grid = last.out_grid
+        tensor = b.node("Mul", [b.double(tensor, "output", "centred_f64"),
+                                b.const("output_scale", np.float64(grid.scale), np.float64)], "output_logits", "output")
+    b.nodes.append(helper.make_node("Identity", [tensor], ["logits"], name="output/Identity"))
+    x = helper.make_tensor_value_info(inp, TensorProto.FLOAT, ["N", *program.input.shape])
+    y = helper.make_tensor_value_info("logits", TensorProto.DOUBLE, ["N", *shapes[program.output.name]])
+    return helper.make_graph(b.nodes, program.name, [x], [y], initializer=b.inits), b
+
+
 def _program(model, input_shape):
     """The compiled program of ``model`` (a Program passes through), refusing a float model by name."""
     from torch import nn
@@ -323,20 +691,25 @@ def _program(model, input_shape):
     return nna.compile_model(model, input_shape)
 
 
-def to_onnx(model, path, *, input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET, bias: str = "float",
-            signed_activations: bool = False, name: str | None = None):
-    """Write a quantised network as an ONNX model in the quantize/dequantize form (see the module docstring).
+def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET,
+            bias: str = "float", signed_activations: bool = False, name: str | None = None):
+    """Write a quantised network as an ONNX model of standard operators and Q/DQ nodes (see the module docstring).
 
     Args:
         model: a model quantised with :mod:`nnlab.quant` (weights and activations,
             e.g. :func:`nnlab.quant.quantise_model` with ``act_bits``), pruned or not,
             or a :class:`~nnlab.nna.Program` compiled from one.
         path: the ``.onnx`` file to write (written whole or not at all).
+        form: ``"exact"`` (default: ONNX Runtime computes the simulator's integers and
+            float64 logits bit for bit) or ``"qdq"`` (the standard quantize/dequantize form
+            with real scales, which ONNX Runtime can fuse into its integer kernels; float32
+            logits, a few integers rounded differently). One of :data:`FORMS`.
         input_shape: one input's ``(C, H, W)`` (ignored for a Program, which knows it).
         opset: ONNX opset, ``13`` .. the newest the installed ``onnx`` knows (default 21).
             Below 21, 2..4-bit weights are stored in INT8 and more than 8 bits are refused.
-        bias: ``"float"`` (float32 biases, as the fake-quantised model adds them) or
-            ``"int32"`` (int32 on the accumulator's scale, behind a DequantizeLinear).
+        bias: for ``form="qdq"``: ``"float"`` (float32 biases, as the fake-quantised model adds
+            them) or ``"int32"`` (int32 on the accumulator's scale, behind a DequantizeLinear).
+            The exact form adds each bias as the simulator does; it accepts only ``"float"``.
         name: the graph's name (default the program's).
 
     Returns:
@@ -345,8 +718,12 @@ def to_onnx(model, path, *, input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET,
     Raises:
         ImportError: ``onnx`` is not installed (says how to install it).
         TypeError: ``model`` is neither a module nor a Program.
-        ValueError: a float model; a bad ``opset`` or ``bias``; a grid ONNX cannot
+        ValueError: a float model; a bad ``form``, ``opset`` or ``bias``; a grid ONNX cannot
             store at that opset; a layer ONNX cannot express (names it).
+
+    Warns:
+        InexactExportWarning: ``form="exact"`` and a layer whose sums may exceed 2**24 in
+            magnitude, where ONNX Runtime's float32 sums may round (names the layer and the bound).
         nnlab.graph.GraphError: a node the compiler refuses (names the node,
             its operation and what is supported).
     """
@@ -359,25 +736,38 @@ def to_onnx(model, path, *, input_shape=(1, 28, 28), opset: int = DEFAULT_OPSET,
 
     newest = onnx.defs.onnx_opset_version()
     check_int("opset", opset, minimum=MIN_OPSET, maximum=newest)
+    check_choice("form", form, FORMS)
     check_choice("bias", bias, BIASES)
-    program = _program(model, input_shape)
+    if form == "exact" and bias != "float":
+        raise ValueError(f"bias={bias!r} applies to form='qdq'; form='exact' adds each bias as the simulator does "
+                         f"(the int32 bias with its fractional bits, or the float bias over the accumulator's scale): "
+                         f"leave bias at 'float' or export with form='qdq'")
     check_bool("signed_activations", signed_activations)
-    graph, builder = _graph(program, opset, bias, signed_activations)
+    program = _program(model, input_shape)
+    if form == "exact":
+        graph, builder = _exact_graph(program, opset, signed_activations)
+    else:
+        graph, builder = _graph(program, opset, bias, signed_activations)
     if name is not None:
         graph.name = str(name)
     proto = helper.make_model(graph, producer_name="nnlab", producer_version=__version__,
                               opset_imports=[helper.make_opsetid("", opset)],
-                              doc_string=f"{program.name}: quantised with nnlab, quantize/dequantize form")
+                              doc_string=f"{program.name}: quantised with nnlab, "
+                                         f"{'exact integer form' if form == 'exact' else 'quantize/dequantize form'}")
     proto.ir_version = min(proto.ir_version, _ir_version(opset))
     helper.set_model_props(proto, {
         "nnlab.weight_bits": json.dumps(builder.weight_bits),
         "nnlab.activation_tensors": json.dumps(builder.integer_tensors),
         "nnlab.activation_offsets": json.dumps(builder.offsets),
         "nnlab.bias": bias,
+        "nnlab.form": form,
+        "nnlab.inexact_layers": json.dumps(getattr(builder, "inexact", {})),
     })
     onnx.checker.check_model(proto, full_check=True)
     path = Path(path)
     atomic_write(path, proto.SerializeToString())
+    for message in getattr(builder, "warnings", ()):
+        warnings.warn(message, InexactExportWarning, stacklevel=2)
     return proto
 
 
@@ -434,7 +824,8 @@ def run_onnx(model, images, *, optimization: str = "basic", threads: int = 1, ba
         intermediates: also return every quantised activation, as integers.
 
     Returns:
-        float32 logits ``(N, classes)``; with ``intermediates``, ``(logits, {layer name: integers})``
+        logits ``(N, classes)``: float64 from an exact-form file, float32 from a qdq-form one;
+        with ``intermediates``, ``(logits, {layer name: integers})``
         (the integers of the QuantizeLinear after each layer, ``(N, C, H, W)`` or ``(N, features)``).
 
     Raises:

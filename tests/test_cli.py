@@ -116,6 +116,7 @@ def test_compress_onnx_writes_the_deployed_network(quick_run):
     onnx.checker.check_model(model, full_check=True)
     props = {p.key: p.value for p in model.metadata_props}
     assert set(json.loads(props["nnlab.weight_bits"]).values()) == {5}  # the retrained 5-bit network
+    assert props["nnlab.form"] == "exact"  # the default form
     assert "ONNX model:" in stdout and "model.onnx" in stdout
 
 
