@@ -251,7 +251,7 @@ def module_run(nets):
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(nna, "run", spy)
-        result = pipeline.compress(net, sparsity=0.5, weight_bits=8, act_bits=8, quick=True, l1_branch=False,
+        result = pipeline.compress(net, sparsity=0.5, weight_bits=8, act_bits=8, quick=True, l1=False,
                                    verbose=False)
     return result, modes, net, before
 

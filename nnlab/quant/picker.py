@@ -76,7 +76,7 @@ def _reference_values(program, x, hardware):
     width = accumulator_width(hardware)
     values = {}
     for layer in program.layers:
-        values[layer.name] = _step(layer, [values[n] for n in layer.inputs], x, "torch", width, {}, {})
+        values[layer.name] = _step(layer, [values[n] for n in layer.inputs], x, "torch", width, {}, {}, {})
     return x, values
 
 
@@ -88,7 +88,7 @@ def _logits_from(program, changed: dict, x, values, width) -> np.ndarray:
     values = dict(values)
     for layer in program.layers[first:]:
         layer = changed.get(layer.name, layer)
-        values[layer.name] = _step(layer, [values[n] for n in layer.inputs], x, "torch", width, {}, {})
+        values[layer.name] = _step(layer, [values[n] for n in layer.inputs], x, "torch", width, {}, {}, {})
     if program.output.name in changed or any(l.name in changed for l in program.layers[-3:]):
         from ..nna.program import Program  # the output's scale is the changed last layer's
 
