@@ -14,6 +14,10 @@ can change the whole course without editing a notebook:
     Number of CPU threads PyTorch may use.  Default: the CPUs this process may
     actually run on (its CPU affinity, capped by a cgroup CPU quota such as a
     Binder pod's single CPU).
+``NNLAB_SEED``
+    The seed the notebooks pass to every training run (default 0), so an
+    instructor can rerun the course with seed 1 or 2 and see which figures
+    move (:func:`course_seed`).
 ``NNLAB_DATA_SOURCE``
     Where MNIST comes from by default: ``offline`` (the bundled 5,000-image
     subset; the default), ``torchvision`` (download the full set) or ``auto``
@@ -26,7 +30,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["quick_mode", "cache_dir", "available_cpus", "set_threads", "pick"]
+__all__ = ["quick_mode", "cache_dir", "available_cpus", "set_threads", "pick", "course_seed"]
 
 _FALSE = {"", "0", "false", "no", "off"}
 
@@ -57,6 +61,28 @@ def pick(full, quick):
     ``epochs = nnlab.pick(full=8, quick=1)``.
     """
     return quick if quick_mode() else full
+
+
+def course_seed() -> int:
+    """The seed of the course's training runs: ``NNLAB_SEED``, default 0.
+
+    The notebooks pass it as ``seed=`` to every call that trains, so one
+    variable reruns the whole course with other random initialisations and
+    batch orders (cached models are kept per seed).
+
+    Raises:
+        ValueError: ``NNLAB_SEED`` is not a non-negative integer.
+    """
+    env = os.environ.get("NNLAB_SEED", "").strip()
+    if not env:
+        return 0
+    try:
+        seed = int(env)
+    except ValueError:
+        raise ValueError(f"NNLAB_SEED must be a non-negative integer, got {env!r}") from None
+    if seed < 0:
+        raise ValueError(f"NNLAB_SEED must be a non-negative integer, got {seed}")
+    return seed
 
 
 def cache_dir(create: bool = True) -> Path:
