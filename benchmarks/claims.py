@@ -12,7 +12,12 @@ another machine.
 
     python benchmarks/claims.py                          # seeds 0 1 2, threads 1 2, full mode
     python benchmarks/claims.py --seeds 0 --threads 1 02 05
-    python benchmarks/claims.py --json > build/claims.json
+    python benchmarks/claims.py --config 0:1 1:1 2:1 0:2   # three seeds on one thread, seed 0 on two
+    python benchmarks/claims.py --json --work build/claims > build/claims.json
+
+``--work DIR`` keeps the model caches, executed notebooks and claim logs in
+``DIR``; run the same command again and the notebooks that already ran there
+are read back, not rerun (on a loaded machine a sweep can take hours).
 
 A failing claim does not stop its notebook here (``NNLAB_CLAIMS_KEEP_GOING=1``):
 the point is to measure it.  With ``--json`` the figures go to stdout as JSON
@@ -26,7 +31,6 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,22 +60,37 @@ def machine() -> dict:
 
 
 def run_config(seed: int, threads: int, paths: list[Path], *, quick: bool, work: Path, log) -> list[dict]:
-    """Run the notebooks in order with one seed and thread count, on an empty cache shared by them."""
+    """Run the notebooks in order with one seed and thread count, on an empty cache shared by them.
+
+    A notebook whose executed copy is already in ``work`` (it ran to the end there) is read back, not rerun.
+    """
     name = f"seed{seed}-threads{threads}"
     cache = work / f"cache-{name}"
     runs = []
     for path in paths:
         claims_log = work / f"{name}-{path.stem}.jsonl"
+        executed = work / f"{name}-{path.stem}.ipynb"
+        timing = work / f"{name}-{path.stem}.seconds"
+        if executed.exists() and claims_log.exists():
+            claims = [json.loads(line) for line in claims_log.read_text().splitlines()]
+            seconds = float(timing.read_text()) if timing.exists() else None
+            runs.append({"seed": seed, "threads": threads, "notebook": path.stem, "seconds": seconds, "ok": True,
+                         "error": "", "claims": claims, "resumed": True})
+            print(f"{name:18s} {path.stem:36s} (ran before in {work})", file=log, flush=True)
+            continue
+        claims_log.unlink(missing_ok=True)  # a run that did not finish: measure again
         env = {**os.environ, "NNLAB_QUICK": "1" if quick else "0", "NNLAB_SEED": str(seed),
                "NNLAB_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "NNLAB_CACHE": str(cache),
                "NNLAB_CLAIMS_LOG": str(claims_log), "NNLAB_CLAIMS_KEEP_GOING": "1", "TQDM_DISABLE": "1"}
         env.pop("CI", None)
         cmd = [sys.executable, "-m", "jupyter", "nbconvert", "--to", "notebook", "--execute",
-               "--output", str(work / f"{name}-{path.stem}.ipynb"), str(path),
+               "--output", str(executed), str(path),
                "--ExecutePreprocessor.timeout=3600", "--log-level=ERROR"]
         start = time.perf_counter()
         proc = subprocess.run(cmd, env=env, cwd=path.parent, capture_output=True, text=True)
         seconds = round(time.perf_counter() - start, 1)
+        if proc.returncode == 0:
+            timing.write_text(str(seconds))
         claims = [json.loads(line) for line in claims_log.read_text().splitlines()] if claims_log.exists() else []
         runs.append({"seed": seed, "threads": threads, "notebook": path.stem, "seconds": seconds,
                      "ok": proc.returncode == 0, "error": proc.stderr[-1500:] if proc.returncode else "",
@@ -107,9 +126,12 @@ def main(argv=None) -> int:
     parser.add_argument("only", nargs="*", help="notebook number prefixes (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="values of NNLAB_SEED")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="values of NNLAB_THREADS")
+    parser.add_argument("--config", nargs="+", metavar="SEED:THREADS",
+                        help="run exactly these configurations instead of every seed with every thread count")
     parser.add_argument("--jobs", type=int, default=1, help="configurations run at the same time")
     parser.add_argument("--quick", action="store_true", help="quick mode instead of full mode")
-    parser.add_argument("--keep", type=Path, help="keep the executed notebooks and claim logs in this directory")
+    parser.add_argument("--work", type=Path,
+                        help="keep caches, executed notebooks and claim logs here, and reuse what already ran there")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON on stdout")
     args = parser.parse_args(argv)
     for name in ("seeds", "threads"):
@@ -125,16 +147,22 @@ def main(argv=None) -> int:
         parser.error(f"no notebook matches {args.only}")
     log = sys.stderr if args.json else sys.stdout
     configs = [(s, t) for s in args.seeds for t in args.threads]
+    if args.config:
+        configs = []
+        for text in args.config:
+            try:
+                seed, threads = (int(v) for v in text.split(":"))
+            except ValueError:
+                parser.error(f"--config takes SEED:THREADS pairs such as 0:1, got {text!r}")
+            if seed < 0 or threads < 1:
+                parser.error(f"--config {text}: the seed must be >= 0 and the threads >= 1")
+            configs.append((seed, threads))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.jobs) as pool:
             results = list(pool.map(lambda c: run_config(*c, paths, quick=args.quick, work=work, log=log), configs))
-        if args.keep:
-            args.keep.mkdir(parents=True, exist_ok=True)
-            for f in work.iterdir():
-                if f.is_file():
-                    shutil.copy(f, args.keep / f.name)
     runs = [r for rs in results for r in rs]
     rows = spread(runs)
     for row in rows:
@@ -142,8 +170,8 @@ def main(argv=None) -> int:
         bounds = ", ".join(f"{k} {v:g}" for k, v in row["bounds"].items())
         print(f"{row['notebook'][:2]} {'FAIL' if row['failed_in'] else 'ok  '} [{values}]{row['unit']} "
               f"(claim: {bounds}) {row['claim']}", file=log)
-    result = {"mode": "quick" if args.quick else "full", "machine": machine(), "seeds": args.seeds,
-              "threads": args.threads, "wall_seconds": round(time.perf_counter() - start, 1),
+    result = {"mode": "quick" if args.quick else "full", "machine": machine(),
+              "configs": [f"seed{s}-threads{t}" for s, t in configs], "wall_seconds": round(time.perf_counter() - start, 1),
               "runs": [{k: v for k, v in r.items() if k != "claims"} for r in runs], "claims": rows}
     if args.json:
         print(json.dumps(result, indent=2))
