@@ -15,7 +15,9 @@ from ..quant import QuantSpec, grid_levels, weight_quantizer
 __all__ = ["plot_accuracy_vs_bits", "plot_levels", "plot_subset_schedule"]
 
 _STYLE = {"ptq": ("post-training", "o", "tab:gray"), "ste": ("straight-through QAT", "s", "tab:orange"),
-          "random_subset": ("random-subset retraining", "^", "tab:green")}
+          "random_subset": ("random-subset retraining", "^", "tab:green"),
+          "per_tensor": ("one scale per tensor", "o", "tab:blue"),
+          "per_channel": ("one scale per output channel", "s", "tab:orange")}
 
 
 def plot_accuracy_vs_bits(table: pd.DataFrame, *, fp32_acc: float | None = None, columns=None, ax=None,
