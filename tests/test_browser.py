@@ -157,19 +157,20 @@ _CONTROLS_MATCH_JS = """() => Array.from(document.querySelectorAll('.jp-Notebook
     const shown = JSON.parse(el.dataset.shown);
     const area = el.closest('.jp-OutputArea-output');
     const controls = {};
+    const text = t => t.replace(/\\s+/g, ' ').trim();  // option labels use non-breaking spaces
     area.querySelectorAll('%s').forEach(c => {
         const label = c.querySelector('.widget-label');
-        const name = label ? label.textContent.trim() : '';
+        const name = label ? text(label.textContent) : '';
         let value = null;
         if (c.classList.contains('widget-slider')) {
             const r = c.querySelector('.widget-readout');
-            value = r ? (r.value !== undefined && r.tagName === 'INPUT' ? r.value : r.textContent).trim() : null;
+            value = r ? text(r.tagName === 'INPUT' ? r.value : r.textContent) : null;
         } else if (c.classList.contains('widget-dropdown')) {
             const s = c.querySelector('select');
-            value = s && s.selectedIndex >= 0 ? s.options[s.selectedIndex].textContent.trim() : null;
+            value = s && s.selectedIndex >= 0 ? text(s.options[s.selectedIndex].textContent) : null;
         } else if (c.classList.contains('widget-toggle-buttons')) {
             const b = c.querySelector('button.mod-active');
-            value = b ? b.textContent.trim() : null;
+            value = b ? text(b.textContent) : null;
         } else if (c.classList.contains('widget-checkbox')) {
             const i = c.querySelector('input');
             value = i ? String(i.checked) : null;
@@ -177,12 +178,15 @@ _CONTROLS_MATCH_JS = """() => Array.from(document.querySelectorAll('.jp-Notebook
         if (name) controls[name] = value;
     });
     const mismatches = [];
-    for (const [name, value] of Object.entries(shown)) {
+    for (let [name, value] of Object.entries(shown)) {
+        name = text(name);
+        value = text(value);
         if (!(name in controls)) mismatches.push(`${name}: shown ${value}, no control with that name`);
         else if (controls[name] !== value) mismatches.push(`${name}: shown ${value}, control says ${controls[name]}`);
     }
+    const reported = Object.keys(shown).map(text);
     for (const name of Object.keys(controls)) {
-        if (!(name in shown)) mismatches.push(`${name}: a control whose setting the explorer does not report`);
+        if (!reported.includes(name)) mismatches.push(`${name}: a control whose setting the explorer does not report`);
     }
     return {shown, controls, mismatches};
 })""" % CONTROLS
@@ -282,9 +286,11 @@ def _no_news_popup(page, lab, notebook):
     """The course's settings are in force, and no toast asks about (or shows) Jupyter news."""
     req = urllib.request.urlopen(
         f"{lab['url']}/lab/api/settings/@jupyterlab/apputils-extension:notification?token={TOKEN}", timeout=10)
-    composite = json.loads(req.read()).get("composite", {})
-    assert composite.get("fetchNews") == "false", (
-        f"JupyterLab does not use binder/lab-settings: its notification settings are {composite}")
+    plugin = json.loads(req.read())
+    default = plugin["schema"]["properties"]["fetchNews"].get("default")  # overrides.json sets the defaults
+    assert default == "false" and plugin.get("settings", {}).get("fetchNews", "false") == "false", (
+        f"JupyterLab does not use binder/lab-settings: fetchNews defaults to {default!r}, "
+        f"user settings {plugin.get('settings')}")
     toasts = page.locator(".Toastify__toast").all_inner_texts()
     news = [t for t in toasts if "news" in t.lower()]
     assert not news, f"{notebook}: a news pop-up covers the notebook: {news}"
