@@ -136,7 +136,7 @@ padding:.8em 1.2em}img{max-width:100%;height:auto}code{background:#f3f3f3;paddin
 REPORT_COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "storage_B", "fp32_B", "macs", "dram_B",
                   "energy_nJ", "fp32_energy_nJ", "bound", "latency_us"]
 
-#: How the stage table shows each column.
+#: How the stage table shows each column, and its headings.
 _STAGE_FORMATS = {"accuracy": "{:.2f}", "sparsity": "{:.1%}", "weight_bits": "{:.0f}", "act_bits": "{:.0f}",
                   "storage_bytes": "{:,.0f}", "energy_uj": "{:.3f}", "latency_us": "{:.3f}",
                   "compression": "{:.1f}x", "energy_ratio": "{:.1f}x"}
@@ -145,12 +145,16 @@ _STAGE_HEADERS = {"storage_bytes": "storage (bytes)", "energy_uj": "energy (µJ)
                   "energy_ratio": "energy ratio"}
 
 
-def _stage_table(stages) -> str:
-    """The stage table as HTML: numbers rounded for people, empty cells where a figure does not apply."""
-    formats = {c: f for c, f in _STAGE_FORMATS.items() if c in stages.columns}
-    styler = (stages.style.format(formats, na_rep="").hide(axis="index")
-              .relabel_index([_STAGE_HEADERS.get(c, c) for c in stages.columns], axis="columns"))
-    return styler.to_html()
+def _html_table(table, formats: dict, headers: dict | None = None) -> str:
+    """``table`` as HTML with each column formatted for people and empty cells for NaN (no jinja2 needed)."""
+    import pandas as pd
+
+    shown = pd.DataFrame({
+        (headers or {}).get(c, c): [("" if pd.isna(v) else formats[c].format(v)) if c in formats else
+                                    ("" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
+                                    for v in table[c]]
+        for c in table.columns})
+    return shown.to_html(index=False, border=0)
 
 
 def write_report(result, out: Path) -> dict:
@@ -170,7 +174,7 @@ def write_report(result, out: Path) -> dict:
     """
     from matplotlib.figure import Figure
 
-    from .plots.nna import plot_nna_costs, plot_stages, style_report
+    from .plots.nna import REPORT_FORMATS, plot_nna_costs, plot_stages
 
     out.mkdir(parents=True, exist_ok=True)
     stages = result.stages
@@ -201,7 +205,7 @@ def write_report(result, out: Path) -> dict:
 <b>{head['energy_ratio']:.1f}x</b> less energy per inference
 ({head['nna_energy_uj']:.3f} µJ vs {head['fp32_energy_uj']:.3f} µJ).</div>
 <h2>Every stage</h2>
-<div class="scroll">{_stage_table(stages)}</div>
+<div class="scroll">{_html_table(stages, _STAGE_FORMATS, _STAGE_HEADERS)}</div>
 <p class="note">Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
 integer accelerator, from the program the simulator runs.</p>
 <h2>Accuracy against cost</h2>
@@ -209,7 +213,7 @@ integer accelerator, from the program the simulator runs.</p>
 <img alt="accuracy against storage" src="data:image/png;base64,{figs[1]}">
 <h2>Where the bytes and joules go (deployed network, per layer)</h2>
 <img alt="per-layer costs" src="data:image/png;base64,{figs[2]}">
-<div class="scroll">{style_report(layers).to_html()}</div>
+<div class="scroll">{_html_table(layers, REPORT_FORMATS)}</div>
 <p class="note">Bytes per inference, energy in nJ, latency in µs; empty cells do not apply to that layer.
 <code>report.json</code> holds every column of the simulator's report, unrounded.</p>
 </body></html>"""
