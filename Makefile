@@ -43,7 +43,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	NNLAB_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests notebooks
 
-BENCHES := elimination reduction nna
+BENCHES := elimination reduction nna cli_startup finite_checks
 
 bench: $(STAMP)
 	@mkdir -p build/bench

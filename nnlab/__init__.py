@@ -7,6 +7,9 @@ Modules, in the order the course uses them:
 * :mod:`nnlab.models`: LeNet-300-100, LeNet-5, a small VGG, and ``summary``;
 * :mod:`nnlab.train`: ``fit`` and ``evaluate``;
 * :mod:`nnlab.cache`: trained baselines, trained once and cached.
+
+``import nnlab`` is light: PyTorch loads with the first submodule that needs
+it, and the thread count (``NNLAB_THREADS``) is applied the moment it does.
 """
 
 from __future__ import annotations
@@ -18,10 +21,10 @@ from .config import available_cpus, cache_dir, pick, quick_mode, set_threads
 
 __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pick", "quick_mode", "set_threads"]
 
-set_threads()
+config.apply_threads_when_torch_loads()
 
 _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
-               "nna", "checks", "pipeline", "cli", "distributed"}
+               "nna", "checks", "pipeline", "cli", "distributed", "graph"}
 
 
 def __getattr__(name):

@@ -6,34 +6,57 @@ whatever is missing is trained and cached.  The cache lives in
 ``nnlab.cache_dir()/models`` (``NNLAB_CACHE`` overrides the directory).
 
 * The file name carries a hash of everything that determines the result
-  (model, data set and source, training recipe, seed, quick/full mode and
-  the cache format), so changing any of them trains anew.
-* Writes are atomic: the file is written next to its final name and renamed.
-* Loads use ``torch.load(..., weights_only=True)``; an unreadable, truncated
-  or mismatching file is reported in one line and rebuilt.
+  (model, data set and source, training recipe, seed, quick/full mode, the
+  cache format and :func:`environment`: PyTorch's CPU thread count, since
+  CPU training gives slightly different weights with a different count),
+  so changing any of them trains anew.
+* Every file carries a SHA-256 checksum of its contents, verified on load:
+  a damaged file (a flipped byte anywhere), a truncated one, an unknown
+  format or a mismatching key is reported in one line and rebuilt.
+* Writes are atomic (a temporary file renamed into place) and use the
+  user's umask (``0644`` by default), so an instructor's cache can serve a
+  class.  A cache that cannot be written (read-only, disk full) gives one
+  :class:`CacheWarning` and the result is still returned; a read-only cache
+  that holds the entry is used as it is.
+* Loads use ``torch.load(..., weights_only=True)``.
+
+Importing this module does not load PyTorch (the command line reads
+:data:`RECIPES` before it does).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
-import tempfile
+import warnings
 from pathlib import Path
-from typing import Callable
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from . import config
-from ._args import check_choice
-from .data import load_data, make_loader
-from .models import MODELS, build_model
-from .train import evaluate, fit, resolve_device
+from ._catalogue import DATASETS
+from ._files import atomic_write
+from ._preflight import check_common
 
-__all__ = ["RECIPES", "pretrained", "cached", "cache_key", "atomic_save"]
+if TYPE_CHECKING:
+    from torch import nn
 
-FORMAT = 1
+__all__ = ["RECIPES", "CacheWarning", "pretrained", "cached", "cache_key", "atomic_save", "environment",
+           "read_entry", "write_entry"]
+
+FORMAT = 2
+#: First line of every cache file.
+MAGIC = b"nnlab cache\n"
+
+
+class CacheWarning(UserWarning):
+    """A trained result could not be written to the model cache (it is still returned)."""
+
+
+class CacheEntryError(ValueError):
+    """A cache file is damaged, of an unknown format, or holds another entry."""
+
 
 #: Training recipe of each model: (full-mode epochs, quick-mode epochs) and optimiser settings.
 RECIPES = {
@@ -41,6 +64,13 @@ RECIPES = {
     "lenet5": {"epochs": (12, 2), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-mnist": {"epochs": (8, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
     "vgg-cifar": {"epochs": (30, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "mobilenet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "mobilenet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "resnet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "resnet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
+    "torchvision:resnet18": {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
+    "torchvision:mobilenet_v2": {"epochs": (3, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
+                                 "augment": True},
 }
 
 
@@ -50,27 +80,106 @@ def cache_key(spec: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def environment() -> dict:
+    """The part of every cache key that describes where a result is computed.
+
+    CPU training sums in an order that depends on PyTorch's thread count, so
+    the same recipe gives slightly different weights (and accuracies a few
+    tenths of a percent apart) with 1 thread and with 2.  The count is
+    therefore part of the key: a result is only ever reused by a process
+    that would have computed the very same one.  Set ``NNLAB_THREADS`` to
+    share one cache between machines with different CPU counts.
+
+    Returns:
+        ``{"threads": torch.get_num_threads()}``.
+    """
+    import torch
+
+    return {"threads": torch.get_num_threads()}
+
+
+def _serialise(obj) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
 def atomic_save(obj, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same directory, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    """``torch.save`` ``obj`` to ``path`` whole or not at all, with the user's umask.
+
+    The bytes are made in memory, written to a temporary file in the same
+    directory and renamed into place.
+
+    Raises:
+        OSError: the file cannot be written (no temporary file is left).
+    """
+    atomic_write(path, _serialise(obj))
+
+
+def write_entry(path: str | os.PathLike, key: str, spec: dict, payload) -> None:
+    """Write a cache file: magic line, SHA-256 line, then a JSON header line and the ``torch.save`` bytes.
+
+    The checksum covers everything after it (header and payload).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    header = json.dumps({"format": FORMAT, "key": key, "spec": spec}, sort_keys=True, default=str).encode()
+    body = header + b"\n" + _serialise(payload)
+    digest = hashlib.sha256(body).hexdigest().encode()
+    atomic_write(path, MAGIC + b"sha256 " + digest + b"\n" + body)
+
+
+def read_entry(path: str | os.PathLike, key: str | None = None):
+    """Read and verify a cache file written by :func:`write_entry`; return its payload.
+
+    Args:
+        path: the file.
+        key: the key it must hold (None: any).
+
+    Raises:
+        CacheEntryError: not an nnlab cache file, a format this version does
+            not read, a checksum that does not match (the file is damaged),
+            another key, or a payload that cannot be loaded.
+        OSError: the file cannot be read.
+    """
+    import torch
+
+    blob = Path(path).read_bytes()
+    if not blob.startswith(MAGIC):
+        kind = "an older nnlab format" if blob.startswith(b"PK") else "not an nnlab cache file"
+        raise CacheEntryError(f"unknown header: {kind}")
+    rest = blob[len(MAGIC):]
+    line, _, body = rest.partition(b"\n")
+    if not line.startswith(b"sha256 ") or len(line) != len(b"sha256 ") + 64:
+        raise CacheEntryError("unknown header: no checksum line")
+    if hashlib.sha256(body).hexdigest().encode() != line[len(b"sha256 "):]:
+        raise CacheEntryError("checksum mismatch: the file is damaged or was changed after it was written")
+    head, _, payload = body.partition(b"\n")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        header = json.loads(head)
+    except ValueError:
+        raise CacheEntryError("unknown header: not JSON") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CacheEntryError(f"format {found!r}, but this nnlab reads format {FORMAT}")
+    if key is not None and header.get("key") != key:
+        raise CacheEntryError("it holds another entry (its key does not match)")
+    try:
+        return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CacheEntryError(f"payload cannot be loaded: {type(exc).__name__}: {exc}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:160]
 
 
 def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callable[[dict], None] | None = None,
-           verbose: bool = True) -> dict:
+           verbose: bool = True, environment_key: bool = True) -> dict:
     """Return the dict that ``build()`` makes, computing it once per ``spec``.
 
     Args:
@@ -82,29 +191,77 @@ def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callab
             ``{"state_dict": model.state_dict(), "metrics": {...}}``.
         validate: called on a loaded payload; if it raises, the file is
             treated as corrupt and rebuilt.
-        verbose: print one line when a cached file is rebuilt.
+        verbose: print one line when a cached file is rebuilt (otherwise
+            the same line comes as a :class:`CacheWarning`).
+        environment_key: add :func:`environment` (the CPU thread count) to
+            the key; leave it on for anything trained or computed with
+            floating-point sums.
 
     Returns:
-        The payload dict.
+        The payload dict.  When the cache cannot be written (read-only
+        directory, disk full) a :class:`CacheWarning` says so and the
+        payload is returned all the same.
     """
     spec = {**spec, "format": FORMAT}
+    if environment_key:
+        spec["environment"] = environment()
     key = cache_key(spec)
-    path = config.cache_dir() / "models" / f"{name}-{key}.pt"
+    path = config.cache_dir(create=False) / "models" / f"{name}-{key}.pt"
     if path.exists():
         try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(blob, dict) or blob.get("key") != key or "payload" not in blob:
-                raise ValueError("its key does not match")
+            payload = read_entry(path, key)
+            if not isinstance(payload, dict):
+                raise CacheEntryError(f"payload is a {type(payload).__name__}, not a dict")
             if validate is not None:
-                validate(blob["payload"])
-            return blob["payload"]
-        except Exception as exc:  # zip errors, pickle errors, truncation ...
+                validate(payload)
+            return payload
+        except Exception as exc:  # damaged, truncated, unreadable, another format or key ...
+            message = f"nnlab: cached file {path} is unreadable ({_one_line(exc)}); rebuilding it."
             if verbose:
-                reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
-                print(f"nnlab: cached file {path} is unreadable ({reason}); rebuilding it.")
+                print(message)
+            else:
+                warnings.warn(message, CacheWarning, stacklevel=2)
     payload = build()
-    atomic_save({"key": key, "spec": json.dumps(spec, sort_keys=True, default=str), "payload": payload}, path)
+    try:
+        write_entry(path, key, spec, payload)
+    except OSError as exc:
+        warnings.warn(f"nnlab: could not write the model cache file {path} ({type(exc).__name__}: "
+                      f"{_one_line(exc)}); the result is returned but will be computed again next time. "
+                      f"Point NNLAB_CACHE at a writable directory with free space to keep it.",
+                      CacheWarning, stacklevel=2)
     return payload
+
+
+def model_kwargs(model: str, input_shape: tuple) -> dict:
+    """The constructor arguments that adapt ``model`` to images of ``input_shape`` ``(C, H, W)``."""
+    from .models import data_kwargs
+
+    return data_kwargs(model, input_shape)
+
+
+def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, dataset: str | None = None) -> None:
+    """Refuse, before any training, a model that cannot take images of ``input_shape``.
+
+    Builds ``model`` (untrained) and runs one blank image through it.
+
+    Raises:
+        ValueError: naming the model, the image shape and the data set.
+    """
+    import torch
+
+    from .models import build_model
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the caller's random state alone
+            net = build_model(model, num_classes=num_classes, **model_kwargs(model, input_shape))
+            out = net.eval()(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        what = f"the {dataset} images" if dataset else "images"
+        shape = "x".join(str(d) for d in input_shape)
+        raise ValueError(f"model={model!r} cannot take {what} ({shape}): {_one_line(exc)}; choose a model "
+                         f"built for this image size (e.g. 'vgg-cifar' for 3x32x32, 'lenet5' for 1x28x28)") from None
+    if tuple(out.shape) != (1, num_classes):
+        raise ValueError(f"model={model!r} gives outputs of shape {tuple(out.shape)} for {num_classes} classes")
 
 
 def pretrained(
@@ -138,20 +295,31 @@ def pretrained(
         The model in eval mode on ``device``; ``model.nnlab_metrics`` holds
         its test accuracy and training time as measured when it was trained.
     """
-    check_choice("model", model, RECIPES)
+    import torch
+
+    from .data import DataBundle, load_data, make_loader
+    from .models import MODELS, build_model
+    from .train import evaluate, fit, resolve_device
+
+    check_common(model, dataset if data is None else None, source, seed, quick, verbose)
+    if data is not None and not isinstance(data, DataBundle):
+        raise TypeError(f"data must be a DataBundle from nnlab.data.load_data, got {type(data).__name__}")
     dev = resolve_device(device)
     recipe = RECIPES[model]
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = recipe["epochs"][1 if quick else 0]
     if data is None:
+        spec = DATASETS[dataset]
+        check_model_fits(model, (spec.channels, spec.size, spec.size), len(spec.classes), dataset)
         data = load_data(dataset, source, verbose=verbose)
-    in_channels, size = data.input_shape[0], data.input_shape[1]
-    kwargs = {}
-    if model.startswith("vgg"):
-        kwargs = {"in_channels": in_channels, "input_size": size}
-    elif model == "lenet5":
-        kwargs = {"in_channels": in_channels}
-    spec = {"model": model, "model_kwargs": kwargs, "num_classes": data.num_classes,
+    else:
+        check_model_fits(model, data.input_shape, data.num_classes, data.name)
+    kwargs = model_kwargs(model, data.input_shape)
+    # Every constructor argument enters the cache key, the registered ones (a stem's stride, a width ...) as well
+    # as those that fit the images, so that a changed architecture never loads weights trained for another.
+    cls, defaults = MODELS[model]
+    architecture = {"builder": getattr(cls, "__qualname__", repr(cls)), **defaults, **kwargs}
+    spec = {"model": model, "model_kwargs": kwargs, "architecture": architecture, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}
 
     def build():
@@ -176,7 +344,7 @@ def pretrained(
         fresh().load_state_dict(payload["state_dict"])
         float(payload["metrics"]["top1"])
 
-    name = f"{model}-{data.name}-{data.source}"
+    name = f"{model.replace(':', '-')}-{data.name}-{data.source}"  # no ':' in file names (Windows)
     payload = cached(name, spec, build, validate=validate, verbose=verbose)
     net = fresh()
     net.load_state_dict(payload["state_dict"])

@@ -21,6 +21,7 @@ Solutions live in ``notebooks/solutions/`` and load into a cell with
 
 from __future__ import annotations
 
+import numbers
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -64,7 +65,11 @@ def _run(name: str, fn: Callable, cases, hint: str) -> CheckResult:
         except Exception as exc:  # the student's code crashed: say how, do not crash the notebook
             return _finish(CheckResult(name, "fail", f"FAIL  {name}: {description}: your function raised "
                                                      f"{type(exc).__name__}: {exc}\n      hint: {hint}"))
-        ok, detail = compare(got, expected)
+        try:
+            ok, detail = compare(got, expected)
+        except Exception as exc:  # an answer of a shape or type no comparison foresaw: a FAIL, never a crash
+            ok, detail = False, (f"your function returned {_describe(got)}, which cannot be compared with the "
+                                 f"expected answer ({type(exc).__name__}: {exc})")
         if not ok:
             return _finish(CheckResult(name, "fail", f"FAIL  {name}: {description}: {detail}\n      hint: {hint}"))
     return _finish(CheckResult(name, "pass", f"PASS  {name}: all {len(cases)} cases agree."))
@@ -77,16 +82,49 @@ def _finish(result: CheckResult) -> CheckResult:
     return result
 
 
+def _describe(value) -> str:
+    """A short description of a student's answer, e.g. ``a list of 3 items`` or ``a float32 tensor of shape (4,)``."""
+    if isinstance(value, torch.Tensor):
+        return f"a {str(value.dtype).replace('torch.', '')} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, np.ndarray):
+        return f"a NumPy {value.dtype} array of shape {value.shape}"
+    if isinstance(value, (list, tuple)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if value is None:
+        return "None (did you forget `return`?)"
+    return f"a value of type {type(value).__name__} ({str(value)[:40]!r})"
+
+
+def _non_finite(got: torch.Tensor, expected: torch.Tensor):
+    """A failure message when ``got`` has NaN or infinite entries where ``expected`` is finite, else None."""
+    if not (got.is_floating_point() or got.is_complex()):
+        return None
+    bad = ~torch.isfinite(got) & torch.isfinite(expected)
+    if not bad.any():
+        return None
+    i = int(bad.flatten().nonzero()[0])
+    return (f"{int(bad.sum())} of {expected.numel()} entries are NaN or infinite (e.g. entry {i}: "
+            f"{got.flatten()[i].item()}, expected {expected.flatten()[i].item():.6g}); look for a division by "
+            f"zero, 0 * inf, or a log or sqrt of a value out of range")
+
+
 def _same_tensor(got, expected, atol=0.0):
     if not isinstance(got, torch.Tensor):
-        return False, f"expected a torch.Tensor, got {type(got).__name__}"
+        return False, f"expected a torch.Tensor, got {_describe(got)}"
     if tuple(got.shape) != tuple(expected.shape):
         return False, f"expected shape {tuple(expected.shape)}, got {tuple(got.shape)}"
-    got = got.detach().to(expected.dtype) if got.dtype != expected.dtype else got.detach()
+    if got.is_complex() and not expected.is_complex():
+        return False, f"expected a real tensor ({expected.dtype}), got {got.dtype}"
+    got = got.detach().cpu()
+    if got.dtype != expected.dtype:
+        got = got.to(expected.dtype)
+    problem = _non_finite(got, expected)
+    if problem:
+        return False, problem
     if atol == 0.0:
         bad = (got != expected)
     else:
-        bad = (got - expected).abs() > atol
+        bad = ~((got - expected).abs() <= atol)  # NaN counts as a difference
     if bad.any():
         i = int(bad.flatten().nonzero()[0])
         return False, (f"{int(bad.sum())} of {expected.numel()} entries differ; e.g. entry {i}: expected "
@@ -96,10 +134,20 @@ def _same_tensor(got, expected, atol=0.0):
 
 def _close_scalar(got, expected, rtol=1e-5):
     try:
-        value = float(got.detach()) if isinstance(got, torch.Tensor) else float(got)
-    except (TypeError, ValueError):
-        return False, f"expected a number (or 0-dim tensor), got {type(got).__name__}"
+        if isinstance(got, torch.Tensor):
+            if got.numel() != 1:
+                raise ValueError
+            value = float(got.detach().cpu().reshape(()))
+        elif isinstance(got, (numbers.Real, np.ndarray)) and not isinstance(got, bool):
+            value = float(got)
+        else:  # a string, a list, None ...: not a number, even if float() could read it
+            raise TypeError
+    except Exception:
+        return False, f"expected a number (or a 0-dim tensor), got {_describe(got)}"
     expected = float(expected.detach()) if isinstance(expected, torch.Tensor) else float(expected)
+    if not np.isfinite(value):
+        return False, (f"expected {expected:.6f}, got {value}: look for a division by zero, 0 * inf, or a log of "
+                       f"zero (softmax then log instead of log_softmax?)")
     if not np.isclose(value, expected, rtol=rtol, atol=1e-7):
         return False, f"expected {expected:.6f}, got {value:.6f}"
     return True, ""
@@ -248,10 +296,13 @@ def pack_bits(fn: Callable[[np.ndarray, int], bytes]) -> CheckResult:
 
 
 def _same_bytes(got, expected):
+    if got is None or isinstance(got, (str, numbers.Number)):  # bytes(5) would be five zero bytes
+        return False, f"expected bytes (or a bytearray), got {_describe(got)}"
     try:
         got = bytes(got)
-    except TypeError:
-        return False, f"expected bytes, got {type(got).__name__}"
+    except Exception as exc:  # e.g. [300]: a value that does not fit in a byte
+        return False, (f"expected bytes, got {_describe(got)} that is not a sequence of bytes 0..255 "
+                       f"({type(exc).__name__}: {exc})")
     if len(got) != len(expected):
         return False, f"expected {len(expected)} bytes, got {len(got)}"
     if got != expected:

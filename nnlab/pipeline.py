@@ -19,7 +19,16 @@ Stages, each starting from the previous one's network unless said otherwise:
 6. ``retrained low-bit``: stage 3 quantised and retrained
    (:func:`nnlab.quant.pretrained_quantised`);
 7. ``NNA (integer)``: stage 6 compiled (:func:`nnlab.nna.compile_model`) and
-   run by the integer engine on the test set.
+   run by the integer engine on the test set, with the accelerator's
+   accumulator width (``hardware.accumulator_bits``).
+
+Overflow is a figure, never a secret: the stage table's ``saturated``
+column counts the sums of the NNA stage that overflowed the accumulator and
+were saturated (None for the other stages, which have no accumulator), the
+cost report adds them per layer, and when any occurred :func:`compress`
+warns (:class:`nnlab.nna.AccumulatorOverflowWarning`) with the layers, the
+accumulator width that holds every sum and the accuracy the simulator gives
+with it (``CompressionResult.overflow``).
 
 Costs: the float stages are costed on the fp32 baseline accelerator
 (:data:`nnlab.nna.FP32_BASELINE`: dense float32 storage, no zero
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -62,13 +72,24 @@ class CompressionResult:
         stages: one row per stage: ``stage``, ``accuracy`` (percent),
             ``sparsity``, ``weight_bits``, ``act_bits``, ``storage_bytes``,
             ``energy_uj``, ``latency_us``, ``compression`` and ``energy_ratio``
-            (fp32 dense baseline / stage), ``hardware``.
+            (fp32 dense baseline / stage), ``hardware``, ``saturated`` (sums
+            that overflowed the accumulator: an int for the NNA stage, None
+            for the others).
         settings: the arguments of the run.
         models: the network of each stage (by stage name).
         program: the compiled integer program (stage 7).
-        report: the simulator's per-layer cost report of ``program``.
+        report: the simulator's per-layer cost report of ``program``, with
+            the ``saturated`` and ``sum_bits`` columns of its run.
         data_description: the line that says which data was used.
         seconds: wall-clock time of the whole run.
+        overflow: None when no sum overflowed the accumulator; otherwise
+            ``saturated`` (all sums), ``layers`` (layer -> saturated sums),
+            ``images``, ``accumulator_bits`` (the width that overflowed),
+            ``accumulator_bits_needed`` (the narrowest width that holds every
+            sum), ``accuracy`` (percent, as simulated) and
+            ``accuracy_without_overflow`` (percent, simulated with the
+            needed width; None beyond the 48 bits the engine simulates) and
+            ``message`` (the warning).
     """
 
     stages: pd.DataFrame
@@ -78,6 +99,7 @@ class CompressionResult:
     report: pd.DataFrame = field(repr=False)
     data_description: str = ""
     seconds: float = 0.0
+    overflow: dict | None = None
 
     def headline(self) -> dict:
         """The figures of the deployed stage against the fp32 baseline."""
@@ -89,6 +111,7 @@ class CompressionResult:
             "compression": float(last["compression"]), "energy_ratio": float(last["energy_ratio"]),
             "fp32_energy_uj": float(first["energy_uj"]), "nna_energy_uj": float(last["energy_uj"]),
             "fp32_latency_us": float(first["latency_us"]), "nna_latency_us": float(last["latency_us"]),
+            "saturated": int(last["saturated"]) if last.get("saturated") is not None else None,
         }
 
 
@@ -202,21 +225,12 @@ def compress(
         A :class:`CompressionResult`.
     """
     from . import nna, prune, quant
+    from ._preflight import check_compress_arguments
     from .distill import pretrained_sparse
 
-    check_choice("model", model, RECIPES)
-    check_choice("dataset", dataset, DATASETS)
-    sparsity = check_float("sparsity", sparsity, 0, 1, high_open=True)
-    check_int("weight_bits", weight_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
-    check_int("act_bits", act_bits, minimum=quant.MIN_BITS, maximum=quant.MAX_BITS)
-    check_choice("method", method, quant.METHODS)
-    hardware = nna.SERIES2NX if hardware is None else hardware
-    if not isinstance(hardware, nna.NNAConfig):
-        raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")
-    if not hardware.min_bits <= weight_bits <= hardware.max_bits:
-        raise ValueError(f"weight_bits={weight_bits} is outside what {hardware.name} supports "
-                         f"({hardware.min_bits}..{hardware.max_bits} bits)")
-    dev = resolve_device(device)
+    sparsity, hardware, dev = check_compress_arguments(
+        model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
+        hardware=hardware, device=device, seed=seed, quick=quick, l1_branch=l1_branch, verbose=verbose)
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 
@@ -255,16 +269,53 @@ def compress(
     program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
 
     images, labels = first_images(data)
-    predictions = nna.predict(program, images.numpy())
-    nna_acc = 100.0 * float((predictions == labels.numpy()).mean())
+    simulated = nna.run(program, images.numpy(), config=hardware)
+    nna_acc = 100.0 * float((simulated.predictions == labels.numpy()).mean())
+    overflow = _overflow(program, images.numpy(), labels.numpy(), hardware, simulated, nna_acc)
+    if overflow is not None:
+        warnings.warn(overflow["message"], nna.AccumulatorOverflowWarning, stacklevel=2)
+    table = nna.report(program, hardware, saturations=simulated)
     figures = dict(rows[-1])
-    figures.update(stage="NNA (integer)", accuracy=nna_acc)
+    figures.update(stage="NNA (integer)", accuracy=nna_acc, saturated=simulated.saturated)
     rows.append(figures)
     models["NNA (integer)"] = program
 
     stages = pd.DataFrame(rows)
+    stages["saturated"] = pd.Series([row.get("saturated") for row in rows], dtype=object)
     settings = {"model": model, "dataset": dataset, "source": data.source, "sparsity": sparsity,
                 "weight_bits": weight_bits, "act_bits": act_bits, "method": method, "hardware": hardware.name,
+                "accumulator_bits": hardware.accumulator_bits,
                 "device": str(dev), "seed": seed, "quick": quick}
     return CompressionResult(stages=stages, settings=settings, models=models, program=program, report=table,
-                             data_description=data.description, seconds=time.perf_counter() - start)
+                             data_description=data.description, seconds=time.perf_counter() - start,
+                             overflow=overflow)
+
+
+def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:
+    """What an accumulator overflow cost: None when no sum saturated, else ``CompressionResult.overflow``.
+
+    The simulator runs again with the width the widest sum needed (widening
+    it while a run still saturates: after a saturated layer the later ones
+    computed on other inputs), which gives the accuracy without overflow.
+    """
+    from . import nna
+    from .nna.engine import MAX_ACCUMULATOR_BITS
+
+    if run.saturated == 0:
+        return None
+    needed, wide_accuracy = run.accumulator_bits_needed, None
+    while needed <= MAX_ACCUMULATOR_BITS:
+        wide = nna.run(program, images, config=hardware.replace(accumulator_bits=needed))
+        if wide.saturated == 0:
+            needed = wide.accumulator_bits_needed  # every sum exact: the width the network needs
+            wide_accuracy = 100.0 * float((wide.predictions == labels).mean())
+            break
+        needed = max(needed + 1, wide.accumulator_bits_needed)
+    layers = {name: count for name, count in run.saturations.items() if count}
+    message = nna.overflow_message(run.saturations, run.accumulator_bits, needed, images=len(images))
+    if wide_accuracy is not None:
+        message += (f"; the simulated accuracy is {accuracy:.2f}% with the {run.accumulator_bits}-bit accumulator "
+                    f"and {wide_accuracy:.2f}% with {needed} bits")
+    return {"saturated": run.saturated, "layers": layers, "images": len(images),
+            "accumulator_bits": run.accumulator_bits, "accumulator_bits_needed": needed, "accuracy": accuracy,
+            "accuracy_without_overflow": wide_accuracy, "message": message}

@@ -166,6 +166,19 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
     return [(n, m) for n, m in found if n in wanted]
 
 
+def _refuse_parametrized(chosen) -> None:
+    """Refuse layers whose weight is parametrized (a quantised model): a torch pruning mask cannot attach there."""
+    from torch.nn.utils import parametrize
+
+    for name, m in chosen:
+        if parametrize.is_parametrized(m, "weight"):
+            chain = ", ".join(type(p).__name__ for p in m.parametrizations.weight)
+            raise ValueError(f"layer {name!r} is quantised (its weight is computed by the parametrizations "
+                             f"[{chain}]), so a pruning mask cannot be attached to it: prune the float model, then "
+                             f"quantise it (nnlab.quant.quantise_model keeps the mask inside the quantiser's chain "
+                             f"as a FixedMask, so pruned weights stay exactly zero)")
+
+
 def is_pruned(module: nn.Module) -> bool:
     """True when ``module.weight`` carries a pruning mask (``weight_mask``)."""
     return hasattr(module, "weight_mask") and hasattr(module, "weight_orig")
@@ -212,6 +225,7 @@ def core_by_threshold(model: nn.Module, threshold, *, scope: str = "global",
     """
     _check_scope(scope)
     chosen = prunable_layers(model, layers)
+    _refuse_parametrized(chosen)
     if isinstance(threshold, dict):
         names = [n for n, _ in chosen]
         for name, t in threshold.items():
@@ -259,6 +273,7 @@ def core_by_fraction(model: nn.Module, fraction: float, *, scope: str = "global"
     fraction = check_float("fraction", fraction, 0, 1)
     _check_scope(scope)
     chosen = prunable_layers(model, layers)
+    _refuse_parametrized(chosen)
     if scope == "layer":
         for _, m in chosen:
             FractionCoring.apply(m, "weight", fraction=fraction)
@@ -307,6 +322,7 @@ def core_channels(model: nn.Module, fraction: float, *, dim: int = 0, norm: floa
     check_choice("dim", dim, (0, 1))
     check_float("norm", norm, low=0, low_open=True)
     chosen = prunable_layers(model, layers)
+    _refuse_parametrized(chosen)
     for _, m in chosen:
         w = effective_weight(m)
         mask = _mask_or_ones(m)
@@ -340,6 +356,7 @@ def apply_masks(model: nn.Module, masks: dict) -> nn.Module:
         ``model``.
     """
     chosen = dict(prunable_layers(model, list(masks)))
+    _refuse_parametrized(chosen.items())
     for name, mask in masks.items():
         m = chosen[name]
         if tuple(mask.shape) != tuple(m.weight.shape):
@@ -524,7 +541,7 @@ def iterative_coring(
         raise ValueError("give either target (with steps) or sparsities")
     plan = _sparsity_steps(target, steps, sparsities)
     _check_scope(scope)
-    prunable_layers(model, layers)
+    _refuse_parametrized(prunable_layers(model, layers))
     rows = []
     for k, s in enumerate(plan, start=1):
         core_by_fraction(model, s, scope=scope, layers=layers)
@@ -565,6 +582,7 @@ def sensitivity_analysis(model: nn.Module, data, sparsities: Sequence[float] = (
     if not values:
         raise ValueError("sparsities is empty; give at least one fraction in [0, 1]")
     chosen = prunable_layers(model, layers)
+    _refuse_parametrized(chosen)
     rows = []
     for name, m in chosen:
         for s in values:

@@ -32,6 +32,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+# nbval's waits for a busy kernel are raised in the repository's root conftest.py, which also applies when the
+# notebooks are run without the unit tests.
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     if not torch.cuda.is_available():

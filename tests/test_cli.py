@@ -125,3 +125,38 @@ def test_html_report_opens_in_chromium_without_errors(quick_run):
         assert "nnlab compress" in page.title()
         browser.close()
     assert not errors, errors
+
+
+def test_quick_run_reports_no_overflow(quick_run):
+    out, stdout = quick_run
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["overflow"] is None and doc["headline"]["saturated"] == 0
+    assert all(row["saturated"] == 0 for row in doc["nna_layers"])
+    assert "No sum overflowed the 32-bit accumulator" in (out / "report.html").read_text()
+    assert "overflow" not in stdout
+
+
+def test_16_bit_overflow_shows_in_the_terminal_and_both_reports(tmp_path):
+    """16-bit weights and activations overflow the 32-bit accumulator: a figure everywhere, never a secret."""
+    import os
+
+    proc = subprocess.run([sys.executable, "-m", "nnlab.cli", "compress", "--quick", "--no-progress", "--no-l1",
+                           "--weight-bits", "16", "--act-bits", "16", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200, env={**os.environ})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "report.json").read_text())
+    overflow = doc["overflow"]
+    assert overflow is not None, "16-bit operands were expected to overflow a 32-bit accumulator"
+    n = overflow["saturated"]
+    assert n > 0 and n == sum(overflow["layers"].values()) == doc["stages"][-1]["saturated"]
+    assert {r["layer"]: r["saturated"] for r in doc["nna_layers"] if r["saturated"]} == {**overflow["layers"],
+                                                                                          "total": n}
+    assert overflow["accumulator_bits"] == 32 and 32 < overflow["accumulator_bits_needed"] <= 48
+    # With the width the sums need, the simulator gives back the accuracy of the model it simulates.
+    retrained = doc["stages"][-2]["accuracy"]
+    assert abs(overflow["accuracy_without_overflow"] - retrained) < 1.0, (overflow, retrained)
+    assert f"| {n:,} sums overflowed the accumulator |" in proc.stdout
+    assert f"nnlab compress: warning: accumulator overflow: {n:,} sums saturated the 32-bit accumulator" in proc.stderr
+    assert f"at least {overflow['accumulator_bits_needed']} bits" in proc.stderr
+    page = (tmp_path / "report.html").read_text()
+    assert 'class="warning"' in page and f"{n:,} sums saturated" in page

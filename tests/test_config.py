@@ -34,7 +34,7 @@ def test_threads_respect_affinity_and_env(monkeypatch):
         with pytest.raises(ValueError, match="n must be a positive integer number of threads, got 0"):
             config.set_threads(0)
         monkeypatch.setenv("NNLAB_THREADS", "many")
-        with pytest.raises(ValueError, match="NNLAB_THREADS must be a positive integer, got 'many'"):
+        with pytest.raises(ValueError, match="NNLAB_THREADS='many' must be a positive integer"):
             config.set_threads()
     finally:
         torch.set_num_threads(before)

@@ -119,7 +119,7 @@ def test_course_seed(monkeypatch):
     assert config.course_seed() == 2
     for bad in ("two", "-1", "1.5"):
         monkeypatch.setenv("NNLAB_SEED", bad)
-        with pytest.raises(ValueError, match="NNLAB_SEED must be a non-negative integer"):
+        with pytest.raises(ValueError, match=rf"NNLAB_SEED={bad!r} must be a non-negative integer"):
             config.course_seed()
 
 

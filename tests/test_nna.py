@@ -12,7 +12,8 @@ from torch import nn
 import nnlab
 from nnlab import nna
 from nnlab.nna import engine, packing
-from nnlab.nna.program import AddLayer, InputLayer, PoolLayer, Program, WeightLayer
+from nnlab.nna.program import AddLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+from nnlab.quant import Grid, QuantSpec
 
 
 # ----------------------------------------------------------------------------- packing
@@ -102,12 +103,17 @@ def test_config_validation():
 
 
 # ----------------------------------------------------------------------------- engine ops
-def _weight_layer(weight, **kw):
+def _act(scale, zero_point=0, bits=8):
+    """An activation grid: unsigned, zero point 0 (symmetric) or given (asymmetric)."""
+    return Grid(QuantSpec(bits, signed=False, symmetric=zero_point == 0), scale, zero_point)
+
+
+def _weight_layer(weight, weight_bits=8, **kw):
     out = weight.shape[0]
-    fields = dict(name="w", op="conv2d" if weight.ndim == 4 else "linear", weight=weight.astype(np.int32),
-                  weight_bits=8, weight_scale=np.full(out, 0.01, np.float32), bias=np.zeros(out, np.int32),
-                  in_scale=0.02, in_zero_point=3, in_bits=8, out_scale=0.05, out_zero_point=0, out_bits=8,
-                  out_min=0, out_max=255, relu=True)
+    fields = dict(name="w", op="conv2d" if weight.ndim == 4 else "linear", inputs=("in",),
+                  weight=weight.astype(np.int32),
+                  weight_grid=Grid(QuantSpec.for_weights(weight_bits), np.full(out, 0.01), np.zeros(out, int)),
+                  bias=np.zeros(out, np.int32), in_grid=_act(0.02, 3), out_grid=_act(0.05), activation=(0.0, None))
     fields.update(kw)
     return WeightLayer(**fields)
 
@@ -124,7 +130,7 @@ def test_conv2d_sums_are_exact_against_torch():
 
 
 def test_accumulator_saturation_is_counted():
-    layer = _weight_layer(np.full((1, 1000), 127), in_zero_point=0, out_scale=None, relu=False)
+    layer = _weight_layer(np.full((1, 1000), 127), in_grid=_act(0.02), out_grid=None, activation=None)
     q = np.full((1000, 1), 255, np.int32)  # 1000 * 255 * 127 = 32.4 million > 2**23
     acc = engine.linear(q, layer)
     total, saturated = engine.accumulate_bias(acc, layer, accumulator_bits=24)
@@ -152,14 +158,15 @@ def test_pooling_and_residual_add():
     rng = np.random.default_rng(3)
     q = rng.integers(0, 256, (2, 3, 6, 6)).astype(np.int32)
     cnhw = np.ascontiguousarray(q.swapaxes(0, 1))
-    mp = engine.maxpool2d(cnhw, PoolLayer("p", "maxpool2d", (3, 3), (2, 2), (1, 1)))
+    grid = _act(0.1)
+    mp = engine.maxpool2d(cnhw, PoolLayer("p", "maxpool2d", ("in",), (3, 3), (2, 2), (1, 1), grid, grid))
     ref = nn.functional.max_pool2d(torch.tensor(q, dtype=torch.float64), 3, 2, 1).numpy()
     np.testing.assert_array_equal(engine.channel_first(mp), ref)
-    ap = engine.avgpool2d(cnhw, PoolLayer("a", "avgpool2d", (2, 2), (2, 2)))
+    ap = engine.avgpool2d(cnhw, PoolLayer("a", "avgpool2d", ("in",), (2, 2), (2, 2), (0, 0), grid, grid,
+                                          rounding="raw"))
     ref = np.rint(nn.functional.avg_pool2d(torch.tensor(q, dtype=torch.float64), 2).numpy())
     np.testing.assert_array_equal(engine.channel_first(ap), ref)
-    add = AddLayer("add", other=0, a_scale=0.1, a_zero_point=0, b_scale=0.2, b_zero_point=10, out_scale=0.3,
-                   out_zero_point=5, out_bits=8, out_min=0, out_max=255)
+    add = AddLayer("add", ("a", "b"), (_act(0.1), _act(0.2, 10)), _act(0.3, 5))
     a, b = rng.integers(0, 256, 1000), rng.integers(0, 256, 1000)
     expect = np.clip(np.rint((a * 0.1 + (b - 10) * 0.2) / 0.3) + 5, 0, 255)
     for mode in nna.MODES:
@@ -168,10 +175,9 @@ def test_pooling_and_residual_add():
 
 def test_program_with_residual_add_runs():
     rng = np.random.default_rng(4)
-    inp = InputLayer("in", 0.05, 0, 8, 0, 255, (6,))
-    fc = _weight_layer(rng.integers(-7, 8, (6, 6)), in_zero_point=0, weight_bits=4)
-    add = AddLayer("add", other=0, a_scale=0.05, a_zero_point=0, b_scale=0.05, b_zero_point=0, out_scale=0.1,
-                   out_zero_point=0, out_bits=8, out_min=0, out_max=255)
+    inp = InputLayer("in", _act(0.05), (6,))
+    fc = _weight_layer(rng.integers(-7, 8, (6, 6)), in_grid=_act(0.05), weight_bits=4)
+    add = AddLayer("add", ("w", "in"), (_act(0.05), _act(0.05)), _act(0.1))
     prog = Program([inp, fc, add], "residual")
     x = rng.random((5, 6)).astype(np.float32)
     res = nna.run(prog, x, trace=True)
@@ -181,9 +187,22 @@ def test_program_with_residual_add_runs():
     assert nna.output_shapes(prog)["add"] == (6,)
 
 
+def test_program_checks_its_graph():
+    inp = InputLayer("in", _act(0.05), (6,))
+    fc = _weight_layer(np.ones((6, 6)), in_grid=_act(0.05))
+    with pytest.raises(ValueError, match="reads 'nowhere', which is not an earlier layer"):
+        Program([inp, _weight_layer(np.ones((6, 6)), inputs=("nowhere",), in_grid=_act(0.05))])
+    with pytest.raises(ValueError, match=r"expects its input 'in' on .* but 'in' outputs"):
+        Program([inp, _weight_layer(np.ones((6, 6)), in_grid=_act(0.07))])
+    with pytest.raises(ValueError, match="two layers named 'w'"):
+        Program([inp, fc, FlattenLayer("w", ("w",), _act(0.05))])
+    with pytest.raises(ValueError, match="must start with an InputLayer"):
+        Program([fc])
+
+
 def test_run_rejects_bad_inputs():
-    prog = Program([InputLayer("in", 0.05, 0, 8, 0, 255, (1, 4, 4)),
-                    _weight_layer(np.ones((2, 1, 3, 3)), in_zero_point=0, out_scale=None, relu=False)], "tiny")
+    prog = Program([InputLayer("in", _act(0.05), (1, 4, 4)),
+                    _weight_layer(np.ones((2, 1, 3, 3)), in_grid=_act(0.05), out_grid=None, activation=None)], "tiny")
     with pytest.raises(ValueError, match=r"shape \(N, 1, 4, 4\)"):
         nna.run(prog, np.zeros((2, 1, 5, 5), np.float32))
     with pytest.raises(TypeError, match="float images"):
@@ -211,14 +230,15 @@ def test_compile_rejects_unsupported_layers(tiny_data):
     with pytest.raises(ValueError, match="input quantiser"):
         nna.compile_model(nnlab.quant.quantise_model(nnlab.models.LeNet5(), tiny_data, 8, None))
     odd = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh(), nn.Flatten(), nn.Linear(2 * 26 * 26, 10))
-    q = nnlab.quant.quantise_model(odd, tiny_data, 8, 8, calibration_batches=1)
-    with pytest.raises(ValueError, match=r"'1' is a Tanh.*supported"):
-        nna.compile_model(q)
-    grouped = nn.Sequential(nn.Conv2d(1, 2, 3, groups=1, dilation=2), nn.ReLU(), nn.Flatten(),
-                            nn.Linear(2 * 24 * 24, 10))
-    q = nnlab.quant.quantise_model(grouped, tiny_data, 8, 8, calibration_batches=1)
-    with pytest.raises(ValueError, match="dilation"):
-        nna.compile_model(q)
+    with pytest.raises(ValueError, match=r"node '1' \(Tanh\) is not supported; supported: Conv2d"):
+        nnlab.quant.quantise_model(odd, tiny_data, 8, 8, calibration_batches=1)
+    weights_only = nnlab.quant.quantise_model(odd, tiny_data, 8, None)  # weights alone need no graph ...
+    with pytest.raises(ValueError, match=r"node '1' \(Tanh\) is not supported"):
+        nna.compile_model(weights_only)  # ... the compiler refuses the node before anything else
+    reflect = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="reflect"), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(2 * 28 * 28, 10))
+    with pytest.raises(ValueError, match="padding_mode='reflect'"):
+        nnlab.quant.quantise_model(reflect, tiny_data, 8, 8, calibration_batches=1)
     with pytest.raises(ValueError, match="expects 400 input features"):
         nna.compile_model(_tiny_quantised(tiny_data), input_shape=(1, 32, 32))
     with pytest.raises(ValueError, match="input_shape"):

@@ -6,9 +6,10 @@ Three separate things, as in SCALE-Sim and Timeloop:
   clock by bit-depth, clock, DRAM bandwidth, buffer, accumulator width,
   packing, sparse formats) and the Horowitz 2014 :class:`EnergyTable`;
   presets :data:`SERIES2NX` and :data:`FP32_BASELINE`;
-* the **workload**, a :class:`Program` of integer layers
-  (:mod:`nnlab.nna.program`), made by the compiler (:mod:`nnlab.nna.compiler`)
-  from a model quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
+* the **workload**, a :class:`Program`: a graph of integer layers, each on
+  its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
+  compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
+  quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
   by PyTorch's own int8 flow (:func:`compile_torch_int8`, with
   :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
   integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed and stored
@@ -23,26 +24,61 @@ Example:
     >>> program = nnlab.nna.compile_model(qmodel)
     >>> nnlab.nna.run(program, images).predictions
     >>> nnlab.nna.report(program, nnlab.nna.SERIES2NX)
+
+The names below load on first use, each from its module: ``from nnlab.nna
+import NNAConfig, PRESETS`` (the hardware description) needs neither PyTorch
+nor pandas, so the command line checks a bit-depth against the accelerator
+before loading them.
 """
 
-from .compiler import compile_model, compile_torch_int8, output_shapes, requantise_weights, torch_conv_kernel
-from .config import FP32_BASELINE, PACKINGS, PRESETS, SERIES2NX, SPARSE_FORMATS, EnergyTable, NNAConfig
-from .engine import MODES, Result, predict, run
-from .packing import bit_layout, decode_weights, encode_weights, pack, packed_bytes, unpack
-from .program import AddLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer, describe
-from .report import layer_costs, report, summary
-from .storage import load, read_header, save, storage_bytes
-from .torch_int8 import layer_outputs, quantise_torch_int8
-from .verify import agreement, compare_modes, compare_torch_int8
+from __future__ import annotations
 
-__all__ = [
-    "NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS",
-    "Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
-    "compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
-    "quantise_torch_int8", "layer_outputs",
-    "run", "predict", "Result", "MODES",
-    "pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights",
-    "save", "load", "read_header", "storage_bytes",
-    "report", "layer_costs", "summary",
-    "agreement", "compare_modes", "compare_torch_int8",
-]
+import importlib
+import sys
+import types
+
+#: Public name -> the submodule that defines it.
+_EXPORTS = {
+    "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS"),
+    "program": ("Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
+                "ConcatLayer"),
+    "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel"),
+    "torch_int8": ("quantise_torch_int8", "layer_outputs"),
+    "engine": ("run", "predict", "Result", "MODES", "AccumulatorOverflowWarning", "overflow_message"),
+    "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),
+    "storage": ("save", "load", "read_header", "storage_bytes", "ProgramFileError"),
+    "report": ("report", "layer_costs", "summary"),
+    "verify": ("agreement", "compare_modes", "compare_torch_int8"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SUBMODULES = set(_EXPORTS)
+
+__all__ = [name for names in _EXPORTS.values() for name in names]
+
+
+def __getattr__(name):
+    # Load the defining submodule on first use (``nnlab.nna.run``), and keep the name.
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__) | _SUBMODULES)
+
+
+class _Package(types.ModuleType):
+    """``nnlab.nna.report`` is the function, as ``from .report import report`` made it, even once the submodule
+    of the same name has been imported (the import system then sets the package's attribute to the module)."""
+
+    def __setattr__(self, name, value):
+        if name == "report" and isinstance(value, types.ModuleType) and hasattr(value, "report"):
+            value = value.report
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,21 +1,33 @@
 """The compiler: from a trained, pruned and quantised PyTorch model to an integer :class:`Program`.
 
-Two sources:
+The pipeline of :func:`compile_model`, for a model quantised by
+:mod:`nnlab.quant` (read its module docstring: weights carry a
+``WeightQuantizer`` parametrization, ``ActQuantizer`` modules sit on the
+input and wherever the NNA stores a tensor):
 
-* :func:`compile_model`: a model quantised by :mod:`nnlab.quant` (read its
-  module docstring: weights carry a ``WeightQuantizer`` parametrization,
-  ``ActQuantizer`` modules sit at the input and after each ReLU).  The
-  compiler walks the ``nn.Sequential`` in order and recognises the pattern
-  ``[input quantiser] ... Conv2d/Linear [BatchNorm] [ReLU] [MaxPool2d] ActQuantizer ...``
-  (a max pooling before the quantiser is moved after it: rounding onto a
-  grid never reorders values, so the maximum is the same).
-  Batch norm is folded into the weight scale and the bias (exactly: the
-  integer weights do not change; a negative BN factor flips their sign);
-  the bias becomes int32 on the accumulator's scale ``in_scale * weight_scale``.
-* :func:`compile_torch_int8`: an 8-bit model converted by PyTorch's own
-  eager-mode ``torch.ao.quantization`` flow (see :mod:`nnlab.nna.torch_int8`),
-  with its own scales and zero points, so that the ``"torch"`` mode
-  reproduces PyTorch's integers exactly.
+1. **trace** the model with ``torch.fx`` and classify every node
+   (:mod:`nnlab.graph`): what cannot run on the NNA is refused, naming the
+   node, its operation and what is supported; nothing is skipped.
+2. **fuse** the nodes into the NNA's layers (:func:`nnlab.graph.fuse`): a
+   Conv2d/Linear with its batch norm, activation clamps and max pool; an
+   add; a concat; an average pool; each followed by the activation
+   quantiser that gives its output grid.  A max pool before the quantiser
+   runs after the requantisation: rounding onto a grid never reorders
+   values, so the maximum is the same.
+3. **emit** one program layer per step, reading the earlier layers it names
+   (a DAG): the weights as integer codes with their
+   :class:`~nnlab.quant.Grid`, batch norm folded into the weight scale and
+   the bias (exactly: the integer weights do not change; a negative factor
+   flips their sign), the bias as int32 on the accumulator's scale
+   ``in_scale * weight_scale``, each activation grid read from its quantiser
+   (:meth:`~nnlab.quant.ActQuantizer.grid`).  Shapes are measured by running
+   the graph once (:func:`nnlab.graph.node_shapes`) and checked against the
+   program's own (:func:`output_shapes`).
+
+:func:`compile_torch_int8` reads an 8-bit model converted by PyTorch's own
+eager-mode ``torch.ao.quantization`` flow (see :mod:`nnlab.nna.torch_int8`)
+from the same traced graph, keeping its scales and zero points, so that the
+``"torch"`` mode reproduces PyTorch's integers exactly.
 
 :func:`requantise_weights` re-targets a program's weights to other
 bit-depths and sparsities (the what-if explorer uses it).
@@ -30,66 +42,67 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import graph
 from .._args import check_float, check_int
-from .program import AddLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+from ..quant.grid import Grid
+from ..quant.spec import QuantSpec
+from ..quant.tensor import check_finite_parameters
+from .program import (MAX_BIAS_FRAC_BITS, AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program,
+                      WeightLayer)
 
 __all__ = ["compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
            "SUPPORTED"]
 
 #: What the compiler accepts, for error messages.
-SUPPORTED = ("Conv2d (groups=1, dilation=1, zero padding), Linear, BatchNorm1d/2d after them, ReLU, "
-             "MaxPool2d, AvgPool2d (ceil_mode=False), Flatten, Dropout, Identity, and nnlab ActQuantizer")
+SUPPORTED = graph.SUPPORTED
 
 
 def _pair(v) -> tuple:
     return (int(v), int(v)) if isinstance(v, int) else tuple(int(a) for a in v)
 
 
-def _leaves(model: nn.Module, stop_types=()):
-    """The modules that compute, in registration order (nested containers opened)."""
-    for name, child in model.named_children():
-        if isinstance(child, stop_types) or not any(True for _ in child.children()):
-            yield name, child
-        else:
-            for sub, leaf in _leaves(child, stop_types):
-                yield f"{name}.{sub}", leaf
-
-
-def _check_conv(name, m):
-    problems = []
-    if m.groups != 1:
-        problems.append(f"groups={m.groups}")
-    if _pair(m.dilation) != (1, 1):
-        problems.append(f"dilation={m.dilation}")
-    if isinstance(m.padding, str):
-        problems.append(f"padding={m.padding!r}")
-    if getattr(m, "padding_mode", "zeros") != "zeros":
-        problems.append(f"padding_mode={m.padding_mode!r}")
-    if problems:
-        raise ValueError(f"layer {name!r} ({type(m).__name__}) has {', '.join(problems)}; the NNA supports "
-                         f"convolutions with groups=1, dilation=1 and integer zero padding")
-
-
-def _pool_layer(name, m, zero_point):
-    if isinstance(m, nn.AvgPool2d) and m.divisor_override is not None:
-        raise ValueError(f"layer {name!r} (AvgPool2d) sets divisor_override; not supported")
-    if getattr(m, "ceil_mode", False):
-        raise ValueError(f"layer {name!r} ({type(m).__name__}) uses ceil_mode=True; the NNA supports ceil_mode=False")
-    if isinstance(m, nn.MaxPool2d) and _pair(m.dilation) != (1, 1):
-        raise ValueError(f"layer {name!r} (MaxPool2d) has dilation={m.dilation}; the NNA supports dilation=1")
-    if isinstance(m, nn.AvgPool2d) and not m.count_include_pad and _pair(m.padding) != (0, 0):
-        raise ValueError(f"layer {name!r} (AvgPool2d) uses count_include_pad=False with padding; not supported")
-    op = "maxpool2d" if isinstance(m, nn.MaxPool2d) else "avgpool2d"
-    stride = m.stride if m.stride is not None else m.kernel_size
-    return PoolLayer(name, op, _pair(m.kernel_size), _pair(stride), _pair(m.padding), int(zero_point))
-
-
-def _unsupported(name, m):
-    return ValueError(f"layer {name!r} is a {type(m).__name__}, which the NNA compiler does not support; "
-                      f"supported: {SUPPORTED}")
-
-
 # ----------------------------------------------------------------------------- shapes
+def _window(shape, kernel, stride, padding, dilation=(1, 1)):
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    return ((shape[1] + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (shape[2] + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
+def _layer_shape(layer, ins):
+    """The output shape of ``layer`` for input shapes ``ins`` (no batch), or a reason it does not fit."""
+    shape = ins[0] if ins else None
+    if isinstance(layer, InputLayer):
+        return tuple(layer.shape)
+    if isinstance(layer, WeightLayer) and layer.op == "conv2d":
+        need = layer.weight.shape[1] * layer.groups
+        if len(shape) != 3 or shape[0] != need:
+            return f"expects ({need}, H, W) inputs but receives {shape}; check input_shape"
+        ho, wo = _window(shape, layer.weight.shape[2:], layer.stride, layer.padding, layer.dilation)
+        if ho < 1 or wo < 1:
+            return f"a {tuple(layer.weight.shape[2:])} kernel does not fit in the {shape} input"
+        return (layer.out_channels, ho, wo)
+    if isinstance(layer, WeightLayer):
+        if len(shape) != 1 or shape[0] != layer.weight.shape[1]:
+            return (f"expects {layer.weight.shape[1]} input features but receives shape {shape}; check "
+                    f"input_shape (and that a Flatten comes first)")
+        return (layer.out_channels,)
+    if isinstance(layer, PoolLayer):
+        if len(shape) != 3:
+            return f"needs (C, H, W) inputs, receives {shape}"
+        ho, wo = _window(shape, layer.kernel_size, layer.stride, layer.padding)
+        if ho < 1 or wo < 1:
+            return f"a {layer.kernel_size} window does not fit in the {shape} input"
+        return (shape[0], ho, wo)
+    if isinstance(layer, FlattenLayer):
+        return (int(np.prod(shape)),)
+    if isinstance(layer, AddLayer):
+        return shape if ins[0] == ins[1] else f"adds shapes {ins[0]} and {ins[1]}"
+    if isinstance(layer, ConcatLayer):
+        if any(len(s) != len(shape) or s[1:] != shape[1:] for s in ins):
+            return f"concatenates channels of shapes {', '.join(map(str, ins))}, which differ beyond the channels"
+        return (sum(s[0] for s in ins),) + tuple(shape[1:])
+    return f"is an unknown layer type {type(layer).__name__}"
+
+
 def output_shapes(program: Program) -> dict:
     """The output shape of every layer for one input (no batch dimension), checking that they fit.
 
@@ -102,64 +115,47 @@ def output_shapes(program: Program) -> dict:
     Raises:
         ValueError: a layer receives a shape it cannot take (names the layer).
     """
-    shapes, history = {}, []
-    shape = None
+    shapes = {}
     for layer in program.layers:
-        where = f"layer {layer.name!r} ({layer.op})"
-        if isinstance(layer, InputLayer):
-            shape = tuple(layer.shape)
-        elif isinstance(layer, WeightLayer) and layer.op == "conv2d":
-            if len(shape) != 3 or shape[0] != layer.weight.shape[1]:
-                raise ValueError(f"{where} expects ({layer.weight.shape[1]}, H, W) inputs but receives {shape}; "
-                                 f"check input_shape")
-            (kh, kw), (sh, sw), (ph, pw) = layer.weight.shape[2:], layer.stride, layer.padding
-            ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
-            if ho < 1 or wo < 1:
-                raise ValueError(f"{where}: a {kh}x{kw} kernel does not fit in the {shape} input")
-            shape = (layer.out_channels, ho, wo)
-        elif isinstance(layer, WeightLayer):
-            if len(shape) != 1 or shape[0] != layer.weight.shape[1]:
-                raise ValueError(f"{where} expects {layer.weight.shape[1]} input features but receives shape "
-                                 f"{shape}; check input_shape (and that a Flatten comes first)")
-            shape = (layer.out_channels,)
-        elif isinstance(layer, PoolLayer):
-            if len(shape) != 3:
-                raise ValueError(f"{where} needs (C, H, W) inputs, receives {shape}")
-            (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-            ho, wo = (shape[1] + 2 * ph - kh) // sh + 1, (shape[2] + 2 * pw - kw) // sw + 1
-            if ho < 1 or wo < 1:
-                raise ValueError(f"{where}: a {kh}x{kw} window does not fit in the {shape} input")
-            shape = (shape[0], ho, wo)
-        elif isinstance(layer, FlattenLayer):
-            shape = (int(np.prod(shape)),)
-        elif isinstance(layer, AddLayer):
-            if not 0 <= layer.other < len(history) or history[layer.other] != shape:
-                other = history[layer.other] if 0 <= layer.other < len(history) else "no such layer"
-                raise ValueError(f"{where} adds shapes {shape} and {other} (layer index {layer.other})")
-        history.append(shape)
+        shape = _layer_shape(layer, [shapes[name] for name in layer.inputs])
+        if isinstance(shape, str):
+            raise ValueError(f"layer {layer.name!r} ({layer.op}) {shape}")
         shapes[layer.name] = shape
     return shapes
 
 
 # ----------------------------------------------------------------------------- nnlab models
-def _int_bias(bias_real, in_scale, weight_scale, name):
-    """Bias on the accumulator's scale ``in_scale * weight_scale``, rounded half to even, as int32."""
-    b = np.rint(np.asarray(bias_real, np.float64) / (np.float64(in_scale) * weight_scale.astype(np.float64)))
+def _int_bias(bias_real, in_scale, weight_scale, name, frac_bits=None):
+    """The bias as int32 on the accumulator's scale ``in_scale * weight_scale``, with fractional bits.
+
+    Args:
+        bias_real: the real bias per output channel.
+        in_scale, weight_scale: the input's scale and the per-channel weight scales.
+        name: the layer, for messages.
+        frac_bits: fractional bits; None picks the most (up to
+            :data:`~nnlab.nna.program.MAX_BIAS_FRAC_BITS`) for which every
+            entry still fits in int32.
+
+    Returns:
+        ``(bias, frac_bits)``: int32 codes, rounded half to even, standing for
+        ``bias / 2**frac_bits`` accumulator units.
+    """
+    units = np.asarray(bias_real, np.float64) / (np.float64(in_scale) * weight_scale.astype(np.float64))
+    top = float(np.abs(units).max(initial=0.0))
+    if frac_bits is None:
+        frac_bits = 0
+        while frac_bits < MAX_BIAS_FRAC_BITS and top * 2.0 ** (frac_bits + 1) < 2 ** 31 - 1:
+            frac_bits += 1
+    b = np.rint(units * 2.0 ** frac_bits)
     if np.any(np.abs(b) > 2 ** 31 - 1):
         raise ValueError(f"layer {name!r}: the bias does not fit in int32 on the accumulator's scale")
-    return b.astype(np.int32)
-
-
-def _grid(q) -> dict:
-    spec = q.spec
-    return {"scale": float(q.scale), "zero_point": int(q.zero_point), "bits": spec.bits,
-            "qmin": spec.quant_min, "qmax": spec.quant_max}
+    return b.astype(np.int32), frac_bits
 
 
 def _fold_batchnorm(codes, scale, bias, bn, name):
     """Fold ``bn`` (eval mode) into per-channel scales and the bias; the integer weights keep their magnitude."""
-    k = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).numpy()
-    bias = (bias - bn.running_mean.double().numpy()) * k + bn.bias.detach().double().numpy()
+    k = (bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)).cpu().numpy()
+    bias = (bias - bn.running_mean.double().cpu().numpy()) * k + bn.bias.detach().double().cpu().numpy()
     flip = k < 0
     if flip.any():
         codes = codes.copy()
@@ -167,37 +163,225 @@ def _fold_batchnorm(codes, scale, bias, bn, name):
     return codes, (scale.astype(np.float64) * np.abs(k)).astype(np.float32), bias
 
 
-def _weight_layer(pending, grid_in, grid_out):
-    from ..quant import quantised_weight
+def _weight_grid(spec: QuantSpec, scale: np.ndarray) -> Grid:
+    """A program's weight grid: the spec made per channel (axis 0), one scale per output channel, zero points 0."""
+    return Grid(spec.replace(granularity="per_channel", ch_axis=0), scale, np.zeros(scale.shape, np.int64))
 
-    name, m = pending["name"], pending["module"]
-    try:
+
+class _Compiler:
+    """Turns the fused steps of a quantised model's graph into program layers."""
+
+    def __init__(self, gm, ops, shapes, input_shape):
+        self.gm, self.ops, self.shapes, self.input_shape = gm, ops, shapes, input_shape
+        self.layers, self.values, self.absorbed = [], {}, set()
+
+    # -- helpers
+    def name(self, wanted: str, node) -> str:
+        taken = {layer.name for layer in self.layers}
+        return wanted if wanted not in taken else node.name
+
+    def quantiser_after(self, node):
+        """The ActQuantizer node reading ``node`` as its only user, with its grid, or (None, None)."""
+        from ..quant import ActQuantizer
+
+        users = list(node.users)
+        if len(users) != 1 or users[0].op != "call_module":
+            return None, None
+        m = self.gm.get_submodule(users[0].target)
+        if not isinstance(m, ActQuantizer):
+            return None, None
+        if m.calibrating:
+            raise ValueError(f"activation quantiser {users[0].target!r} is still calibrating; "
+                             f"run nnlab.quant.calibrate")
+        if m.spec.per_channel:
+            raise ValueError(f"activation quantiser {users[0].target!r} is per channel; the NNA needs per-tensor grids")
+        self.absorbed.add(users[0])
+        return users[0], m.grid()
+
+    def read(self, node, reader: str):
+        """(layer name, grid) of the tensor ``node``, which ``reader`` reads: it must be on a grid."""
+        if node not in self.values:
+            if self.ops[node].kind == "input":
+                raise ValueError(f"the model's input is not quantised before {reader!r}: quantise activations "
+                                 f"(nnlab.quant.quantise_model with act_bits) so that it starts with an input "
+                                 f"quantiser")
+            raise ValueError(f"the output of node {graph.node_label(node)!r} ({self.ops[node].what}) is not "
+                             f"quantised before {reader!r}; quantise activations (nnlab.quant.quantise_model with "
+                             f"act_bits)")
+        name, grid = self.values[node]
+        if grid is None:
+            raise ValueError(f"{reader!r} reads the int32 sums of the last layer {name!r}; only a reshape may "
+                             f"follow the last Conv2d/Linear")
+        return name, grid
+
+    def out_grid(self, step, final_ok: bool):
+        """The grid of the step's output (its quantiser's), None for a last Conv2d/Linear; and the output node."""
+        qnode, grid = self.quantiser_after(step.tail)
+        if qnode is not None:
+            return grid, qnode
+        if final_ok and graph.reaches_output_only(step.tail, self.ops):
+            return None, step.tail
+        raise ValueError(f"the output of {step.kind} {step.name!r} (node {step.tail.name!r}) is not quantised: the "
+                         f"NNA stores it on a grid, so an activation quantiser must follow it; quantise the model "
+                         f"with nnlab.quant.quantise_model(act_bits=...)")
+
+    def emit(self, step, layer, grid, value_node):
+        """Append ``layer`` (and the step's fused max pool after it); ``value_node`` now holds its output."""
+        self.layers.append(layer)
+        last = layer.name
+        if step.maxpool is not None:
+            pool = step.maxpool
+            if grid is None:
+                raise ValueError(f"max pool {pool.name!r} follows the last layer {layer.name!r}, whose int32 sums "
+                                 f"have no grid; the NNA pools quantised tensors")
+            last = self.name(pool.name, pool.node)
+            self.layers.append(PoolLayer(last, "maxpool2d", (layer.name,), pool.attrs["kernel_size"],
+                                         pool.attrs["stride"], pool.attrs["padding"], grid, grid))
+        self.values[value_node] = (last, grid)
+
+    # -- one method per step kind
+    def input(self, step):
+        qnode, grid = self.quantiser_after(step.tail)
+        if qnode is None:
+            raise ValueError("the model's input is not quantised: quantise activations (nnlab.quant.quantise_model "
+                             "with act_bits) so that it starts with an input quantiser")
+        layer = InputLayer(str(qnode.target), grid, self.input_shape)
+        self.layers.append(layer)
+        self.values[qnode] = (layer.name, grid)
+
+    def weight(self, step):
+        from ..quant import quantised_weight, weight_quantizer
+
+        op, m = step.head, step.head.module
+        in_name, in_grid = self.read(step.inputs[0], op.name)
+        grid, value_node = self.out_grid(step, final_ok=True)
+        if weight_quantizer(m) is None:
+            raise ValueError(f"layer {op.name!r} ({type(m).__name__}) has float weights; quantise the model first "
+                             f"(nnlab.quant.quantise_model)")
         codes, spec, scale, zero_point = quantised_weight(m)
-    except ValueError:
-        raise ValueError(f"layer {name!r} ({type(m).__name__}) has float weights; quantise the model first "
-                         f"(nnlab.quant.quantise_model)") from None
-    if torch.any(zero_point != 0):
-        raise ValueError(f"layer {name!r}: weight zero points must be 0 (symmetric weights); got {spec}")
-    codes = codes.cpu().numpy().astype(np.int32)
-    out_ch = codes.shape[0]
-    scale = np.broadcast_to(scale.detach().cpu().float().numpy(), (out_ch,)).astype(np.float32)
-    bias = np.zeros(out_ch) if m.bias is None else m.bias.detach().cpu().double().numpy()
-    if pending["bn"] is not None:
-        codes, scale, bias = _fold_batchnorm(codes, scale, bias, pending["bn"], name)
-        if codes.max() > spec.quant_max or codes.min() < spec.quant_min:
-            raise ValueError(f"layer {name!r}: folding a negative batch-norm factor pushes a weight outside the "
-                             f"{spec.bits}-bit grid; use narrow_range=True weights")
-    conv = isinstance(m, nn.Conv2d)
-    if conv:
-        _check_conv(name, m)
-    out = grid_out or {"scale": None, "zero_point": 0, "bits": 32, "qmin": -(2 ** 31), "qmax": 2 ** 31 - 1}
-    return WeightLayer(
-        name=name, op="conv2d" if conv else "linear", weight=codes, weight_bits=spec.bits, weight_scale=scale,
-        bias=_int_bias(bias, grid_in["scale"], scale, name), in_scale=grid_in["scale"],
-        in_zero_point=grid_in["zero_point"], in_bits=grid_in["bits"], out_scale=out["scale"],
-        out_zero_point=out["zero_point"], out_bits=out["bits"], out_min=out["qmin"], out_max=out["qmax"],
-        relu=pending["relu"], stride=_pair(m.stride) if conv else (1, 1),
-        padding=_pair(m.padding) if conv else (0, 0))
+        if torch.any(zero_point != 0):
+            raise ValueError(f"layer {op.name!r}: weight zero points must be 0 (symmetric weights); got {spec}")
+        codes = codes.cpu().numpy().astype(np.int32)
+        out_ch = codes.shape[0]
+        scale = np.broadcast_to(scale.detach().cpu().float().numpy(), (out_ch,)).astype(np.float32)
+        bias = np.zeros(out_ch) if m.bias is None else m.bias.detach().cpu().double().numpy()
+        if step.batchnorm is not None:
+            codes, scale, bias = _fold_batchnorm(codes, scale, bias, step.batchnorm.module, op.name)
+            if codes.max() > spec.quant_max or codes.min() < spec.quant_min:
+                raise ValueError(f"layer {op.name!r}: folding a negative batch-norm factor pushes a weight outside "
+                                 f"the {spec.bits}-bit grid; use narrow_range=True weights")
+        conv = op.kind == "conv2d"
+        geometry = {k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups")} if conv else {}
+        int_bias, frac_bits = _int_bias(bias, in_grid.scale, scale, op.name)
+        layer = WeightLayer(self.name(op.name, op.node), op.kind, (in_name,), codes, _weight_grid(spec, scale),
+                            int_bias, in_grid, grid, activation=step.activation, bias_frac_bits=frac_bits,
+                            **geometry)
+        self.emit(step, layer, grid, value_node)
+
+    def join(self, step, cls):
+        """An add or a concat: read every operand on its grid, write onto the grid of the quantiser after it."""
+        op = step.head
+        ins = [self.read(n, op.name) for n in op.attrs["operands"]]
+        grid, value_node = self.out_grid(step, final_ok=False)
+        layer = cls(self.name(op.name, op.node), tuple(n for n, _ in ins), tuple(g for _, g in ins), grid,
+                    step.activation)
+        self.emit(step, layer, grid, value_node)
+
+    def add(self, step):
+        self.join(step, AddLayer)
+
+    def cat(self, step):
+        op = step.head
+        rank = len(self.shapes[step.head.node])
+        dim = op.attrs["dim"]
+        if not isinstance(dim, int) or dim % rank != 1:
+            raise graph.GraphError(f"node {op.name!r} (torch.cat) concatenates along dim {dim} of "
+                                   f"{rank}-D tensors; the NNA concatenates channels (dim=1)")
+        self.join(step, ConcatLayer)
+
+    def pool_geometry(self, op):
+        """kernel, stride, padding of an average pool (adaptive pools and means from the measured shapes)."""
+        if "output_size" not in op.attrs:
+            return op.attrs["kernel_size"], op.attrs["stride"], op.attrs["padding"]
+        shape = self.shapes[op.inputs[0]]
+        if len(shape) != 4:
+            raise graph.GraphError(f"node {op.name!r} ({op.what}) averages a {len(shape)}-D tensor; the NNA "
+                                   f"averages (N, C, H, W) feature maps")
+        size = op.attrs["output_size"]
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        out = tuple(shape[2 + i] if s is None else int(s) for i, s in enumerate(size))
+        if shape[2] % out[0] or shape[3] % out[1]:
+            raise graph.GraphError(f"node {op.name!r} ({op.what}) pools {shape[2]}x{shape[3]} down to "
+                                   f"{out[0]}x{out[1]}, which needs windows of different sizes; the NNA supports "
+                                   f"output sizes that divide the input (1x1: a global average)")
+        kernel = (shape[2] // out[0], shape[3] // out[1])
+        return kernel, kernel, (0, 0)
+
+    def avgpool2d(self, step):
+        op = step.head
+        in_name, in_grid = self.read(op.inputs[0], op.name)
+        kernel, stride, padding = self.pool_geometry(op)
+        grid, value_node = self.out_grid(step, final_ok=False)
+        name = self.name(op.name, op.node)
+        layer = PoolLayer(name, "avgpool2d", (in_name,), kernel, stride, padding, in_grid, grid,
+                          activation=step.activation)
+        if op.attrs.get("mean") and not op.attrs.get("keepdim"):  # mean((2, 3)) also drops H and W
+            self.layers.append(layer)
+            layer = FlattenLayer(self.name(f"{name}.flatten", op.node), (name,), grid)
+        self.emit(step, layer, grid, value_node)
+
+    def maxpool2d(self, step):
+        op = step.head
+        in_name, grid = self.read(op.inputs[0], op.name)
+        layer = PoolLayer(self.name(op.name, op.node), "maxpool2d", (in_name,), op.attrs["kernel_size"],
+                          op.attrs["stride"], op.attrs["padding"], grid, grid)
+        self.layers.append(layer)
+        self.values[op.node] = (layer.name, grid)
+
+    def flatten(self, step):
+        op = step.head
+        src = op.inputs[0]
+        if src not in self.values:
+            self.read(src, op.name)  # raises: not quantised
+        in_name, grid = self.values[src]
+        before, after = self.shapes[src], self.shapes[op.node]
+        if after != (before[0], int(np.prod(before[1:]))):
+            raise graph.GraphError(f"node {op.name!r} ({op.what}) reshapes {before} to {after}; the NNA supports "
+                                   f"flattening (N, C, H, W) to (N, C*H*W)")
+        layer = FlattenLayer(self.name(op.name, op.node), (in_name,), grid)
+        self.layers.append(layer)
+        self.values[op.node] = (layer.name, grid)
+
+    def identity(self, step):
+        src = step.head.inputs[0]
+        if src in self.values:
+            self.values[step.head.node] = self.values[src]
+
+    def quantise(self, step):
+        if step.head.node in self.absorbed:
+            return
+        src = step.head.inputs[0]
+        raise ValueError(f"activation quantiser {step.name!r} follows node {graph.node_label(src)!r} "
+                         f"({self.ops[src].what}); the NNA quantises the input and the outputs of Conv2d/Linear, "
+                         f"add, concat and average pool layers only")
+
+    def output(self, step):
+        src = step.head.inputs[0]
+        if src not in self.values:
+            self.read(src, "the output")  # raises
+        name, _ = self.values[src]
+        if self.layers[-1].name != name:
+            raise ValueError(f"the model's output comes from layer {name!r}, but layers after it were compiled "
+                             f"({self.layers[-1].name!r}); remove computations that do not reach the output")
+
+    def run(self, steps):
+        handlers = {"input": self.input, "conv2d": self.weight, "linear": self.weight, "add": self.add,
+                    "cat": self.cat, "avgpool2d": self.avgpool2d, "maxpool2d": self.maxpool2d,
+                    "flatten": self.flatten, "identity": self.identity, "quantise": self.quantise,
+                    "shape": lambda step: None, "output": self.output}
+        for step in steps:
+            handlers[step.kind](step)
+        return self.layers
 
 
 def _check_input_shape(input_shape):
@@ -212,9 +396,10 @@ def compile_model(model: nn.Module, input_shape=(1, 28, 28), *, name: str | None
     """Compile a model quantised with :mod:`nnlab.quant` into an integer :class:`Program`.
 
     Args:
-        model: an ``nn.Sequential`` from :func:`nnlab.quant.quantise_model`
-            (or :func:`~nnlab.quant.pretrained_quantised`), weights and
-            activations quantised, pruned or not.
+        model: a model from :func:`nnlab.quant.quantise_model` (or
+            :func:`~nnlab.quant.pretrained_quantised`), weights and
+            activations quantised, pruned or not: any traceable network of
+            the operations in :data:`SUPPORTED`.
         input_shape: shape of one input image, ``(C, H, W)``.
         name: a label for reports (default: the model's class name).
 
@@ -222,82 +407,29 @@ def compile_model(model: nn.Module, input_shape=(1, 28, 28), *, name: str | None
         The :class:`Program`.
 
     Raises:
-        ValueError: a layer the NNA cannot run, a weight or activation left in
-            float, an activation quantiser still calibrating, or shapes that
-            do not fit; the message names the layer and what is supported.
+        nnlab.graph.GraphError: a node the NNA cannot run, or a model that
+            cannot be traced; the message names the node and what is supported.
+        ValueError: a weight or activation left in float, an activation
+            quantiser still calibrating, a weight, bias or batch-norm statistic
+            holding NaN or infinite values, or shapes that do not fit (names the layer).
     """
-    from ..quant import ActQuantizer
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     shape = _check_input_shape(input_shape)
-    layers, grid, pending = [], None, None
-    for lname, m in _leaves(model, stop_types=(nn.Conv2d, nn.Linear)):
-        if isinstance(m, ActQuantizer):
-            if m.calibrating:
-                raise ValueError(f"activation quantiser {lname!r} is still calibrating; run nnlab.quant.calibrate")
-            if m.spec.per_channel:
-                raise ValueError(f"activation quantiser {lname!r} is per channel; the NNA needs per-tensor grids")
-            if not layers:
-                g = _grid(m)
-                layers.append(InputLayer(lname, g["scale"], g["zero_point"], g["bits"], g["qmin"], g["qmax"], shape))
-                grid = g
-            elif pending is not None:
-                layers.append(_weight_layer(pending, grid, _grid(m)))
-                grid = _grid(m)
-                layers += [_pool_layer(n, p, grid["zero_point"]) for n, p in pending["pools"]]
-                pending = None
-            else:
-                raise ValueError(f"activation quantiser {lname!r} follows no Conv2d/Linear layer; the NNA expects "
-                                 f"quantisers at the input and after each Conv2d/Linear (and its ReLU)")
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            if pending is not None:
-                raise ValueError(f"the output of layer {pending['name']!r} is not quantised before layer {lname!r}; "
-                                 f"quantise activations (nnlab.quant.quantise_model with act_bits)")
-            if grid is None:
-                raise ValueError(f"the input of layer {lname!r} is not quantised; quantise the model with "
-                                 f"act_bits so that it starts with an input quantiser")
-            pending = {"name": lname, "module": m, "bn": None, "relu": False, "pools": []}
-        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-            if pending is None or pending["relu"] or pending["bn"] is not None:
-                raise ValueError(f"batch norm {lname!r} must follow a Conv2d/Linear directly to be folded")
-            if not m.track_running_stats or m.running_var is None:
-                raise ValueError(f"batch norm {lname!r} has no running statistics to fold")
-            pending["bn"] = m
-        elif isinstance(m, nn.MaxPool2d) and pending is not None:
-            # Max pooling commutes with quantisation (a non-decreasing map), so the NNA
-            # requantises first and pools the integers: the same values, fewer to requantise.
-            pending["pools"].append((lname, m))
-        elif isinstance(m, nn.ReLU):
-            if pending is None or pending["relu"] or pending["pools"]:
-                raise ValueError(f"ReLU {lname!r} must follow a Conv2d/Linear (and its batch norm) to be fused")
-            pending["relu"] = True
-        elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)):
-            if pending is not None:
-                raise ValueError(f"layer {lname!r} comes between layer {pending['name']!r} and its activation "
-                                 f"quantiser; the NNA needs the output quantised first")
-            if grid is None:
-                raise ValueError(f"the input of layer {lname!r} is not quantised")
-            if isinstance(m, nn.Flatten):
-                if (m.start_dim, m.end_dim) != (1, -1):
-                    raise ValueError(f"layer {lname!r} (Flatten) must flatten dims 1..-1, "
-                                     f"got {m.start_dim}..{m.end_dim}")
-                layers.append(FlattenLayer(lname))
-            else:
-                layers.append(_pool_layer(lname, m, grid["zero_point"]))
-        elif isinstance(m, (nn.Identity, nn.Dropout)):
-            continue
-        else:
-            raise _unsupported(lname, m)
-    if not layers:
-        raise ValueError("model has no input quantiser; quantise it with nnlab.quant.quantise_model(act_bits=...)")
-    if pending is not None:
-        layers.append(_weight_layer(pending, grid, None))
-        layers += [_pool_layer(n, p, 0) for n, p in pending["pools"]]
+    check_finite_parameters(model)  # the program would hold other numbers than the model
+    gm = graph.trace(model)
+    ops = graph.classify(gm)
+    steps = graph.fuse(ops)
+    shapes = graph.node_shapes(gm, shape)
+    compiler = _Compiler(gm, ops, shapes, shape)
+    layers = compiler.run(steps)
     if not any(isinstance(layer, WeightLayer) for layer in layers):
         raise ValueError("model has no Conv2d or Linear layer to compile")
-    program = Program(layers, name or type(model).__name__, "nnlab")
-    output_shapes(program)
+    program = Program(layers, name or type(gm).__name__, "nnlab")
+    program_shape = output_shapes(program)[program.output.name]
+    torch_shape = shapes[next(n for n in gm.graph.nodes if n.op == "output").args[0]][1:]
+    if program_shape != tuple(torch_shape):
+        raise ValueError(f"the compiled program outputs shape {program_shape} but the model {tuple(torch_shape)}")
     return program
 
 
@@ -330,13 +462,20 @@ def torch_conv_kernel(engine: str | None = None) -> str:
     raise ValueError(f"quantized engine {engine!r} is not supported; use 'x86', 'fbgemm' or 'onednn'")
 
 
-def _torch_grid(scale, zero_point, dtype):
+#: The grid of PyTorch's quint8 activations: 8 bits, unsigned, with a zero point.
+QUINT8 = QuantSpec(8, signed=False, symmetric=False)
+
+
+def _torch_grid(scale, zero_point, dtype, name) -> Grid:
     if dtype != torch.quint8:
-        raise ValueError(f"activations must be quint8 (PyTorch's default), got {dtype}")
-    return {"scale": float(scale), "zero_point": int(zero_point), "bits": 8, "qmin": 0, "qmax": 255}
+        raise ValueError(f"layer {name!r}: activations must be quint8 (PyTorch's default), got {dtype}")
+    scale, zero_point = float(scale), int(zero_point)  # a Python number or a one-element tensor
+    if float(np.float32(scale)) != scale:
+        raise ValueError(f"layer {name!r}: scale {scale!r} is not a float32 value")
+    return Grid(QUINT8, scale, zero_point)
 
 
-def _torch_weight_layer(name, m, grid_in, kernel):
+def _torch_weight_layer(name, m, in_name, grid_in, kernel):
     import torch.ao.nn.intrinsic.quantized as nniq
     import torch.ao.nn.quantized as nnq
 
@@ -353,27 +492,33 @@ def _torch_weight_layer(name, m, grid_in, kernel):
     bias = m.bias()
     bias_float = np.zeros(out_ch, np.float32) if bias is None else bias.detach().numpy().astype(np.float32)
     conv = isinstance(m, nnq.Conv2d)
+    geometry = {}
     if conv:
-        _check_conv(name, m)
-    out = _torch_grid(m.scale, m.zero_point, torch.quint8)
-    atw = np.float32(grid_in["scale"]) * scale  # float32, as PyTorch computes it
+        if m.padding_mode != "zeros":
+            raise ValueError(f"layer {name!r} pads with padding_mode={m.padding_mode!r}; the NNA pads with zeros")
+        geometry = {"stride": _pair(m.stride), "padding": _pair(m.padding), "dilation": _pair(m.dilation),
+                    "groups": m.groups}
+    out = _torch_grid(m.scale, m.zero_point, torch.quint8, name)
+    atw = grid_in.scale * scale  # float32, as PyTorch computes it
+    relu = isinstance(m, (nniq.ConvReLU2d, nniq.LinearReLU))
     return WeightLayer(
-        name=name, op="conv2d" if conv else "linear", weight=codes, weight_bits=8, weight_scale=scale,
-        bias=_int_bias(bias_float, 1.0, atw, name), in_scale=grid_in["scale"], in_zero_point=grid_in["zero_point"],
-        in_bits=8, out_scale=out["scale"], out_zero_point=out["zero_point"], out_bits=8, out_min=0, out_max=255,
-        relu=isinstance(m, (nniq.ConvReLU2d, nniq.LinearReLU)), stride=_pair(m.stride) if conv else (1, 1),
-        padding=_pair(m.padding) if conv else (0, 0), bias_float=bias_float,
-        kernel=kernel if conv else "fbgemm")
+        name, "conv2d" if conv else "linear", (in_name,), codes,
+        _weight_grid(QuantSpec(8, signed=True, symmetric=True), scale), _int_bias(bias_float, 1.0, atw, name, 0)[0],
+        grid_in, out, activation=(0.0, None) if relu else None, bias_float=bias_float,
+        kernel=kernel if conv else "fbgemm", **geometry)
 
 
 def compile_torch_int8(qmodel: nn.Module, input_shape=(1, 28, 28), *, name: str | None = None,
                        engine: str | None = None) -> Program:
     """Compile a model converted by PyTorch's eager-mode int8 flow, keeping its scales and zero points.
 
-    The model must run, in registration order: a ``Quantize`` (converted
+    The model's traced graph must be a chain: a ``Quantize`` (converted
     QuantStub), quantized ``Conv2d``/``ConvReLU2d``/``Linear``/``LinearReLU``
     modules, ``MaxPool2d``/``AvgPool2d``/``Flatten``/``Identity``/``Dropout``,
     and a ``DeQuantize`` at the end (see :func:`nnlab.nna.torch_int8.quantise_torch_int8`).
+    An average pool keeps its input's grid and rounds as PyTorch's
+    channels-last kernel does (``rounding="scaled"``: a quantized
+    convolution outputs channels-last tensors).
 
     Args:
         qmodel: the converted model.
@@ -394,34 +539,44 @@ def compile_torch_int8(qmodel: nn.Module, input_shape=(1, 28, 28), *, name: str 
         raise TypeError(f"qmodel must be a torch.nn.Module, got {type(qmodel).__name__}")
     shape = _check_input_shape(input_shape)
     kernel = torch_conv_kernel(engine)
-    stop = (nnq.Conv2d, nnq.Linear, nnq.Quantize, nnq.DeQuantize)
-    layers, grid, ended = [], None, False
-    for lname, m in _leaves(qmodel, stop_types=stop):
+    gm = graph.trace(qmodel)
+    layers, current, ended = [], None, False  # current: (layer name, grid) of the value flowing on
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        label = graph.node_label(node)
+        m = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if node.op != "call_module":
+            raise ValueError(f"node {label!r} ({graph.node_operation(node)}) is not a module; the eager int8 flow "
+                             f"runs modules only: Quantize, quantized Conv2d/ConvReLU2d/Linear/LinearReLU, "
+                             f"MaxPool2d, AvgPool2d, Flatten, Identity, Dropout, DeQuantize")
         if ended and not isinstance(m, (nn.Identity, nn.Dropout)):
-            raise ValueError(f"layer {lname!r} comes after the DeQuantize; the NNA program must end there")
+            raise ValueError(f"layer {label!r} comes after the DeQuantize; the NNA program must end there")
         if isinstance(m, nnq.Quantize):
             if layers:
-                raise ValueError(f"a second Quantize {lname!r}; only one at the input is supported")
-            grid = _torch_grid(m.scale, m.zero_point, m.dtype)
-            layers.append(InputLayer(lname, grid["scale"], grid["zero_point"], 8, 0, 255, shape))
+                raise ValueError(f"a second Quantize {label!r}; only one at the input is supported")
+            layers.append(InputLayer(label, _torch_grid(m.scale, m.zero_point, m.dtype, label), shape))
         elif isinstance(m, nnq.DeQuantize):
             ended = True
-        elif grid is None:
-            raise ValueError(f"layer {lname!r} comes before the Quantize stub; the model must start with it")
+        elif not layers:
+            raise ValueError(f"layer {label!r} comes before the Quantize stub; the model must start with it")
         elif isinstance(m, (nnq.Conv2d, nnq.Linear)):
-            layers.append(_torch_weight_layer(lname, m, grid, kernel))
-            grid = _torch_grid(m.scale, m.zero_point, torch.quint8)
+            layers.append(_torch_weight_layer(label, m, layers[-1].name, layers[-1].out_grid, kernel))
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
-            layers.append(_pool_layer(lname, m, grid["zero_point"]))
+            attrs = graph.classify_module(node, m)
+            grid = layers[-1].out_grid
+            layers.append(PoolLayer(label, attrs.kind, (layers[-1].name,), attrs.attrs["kernel_size"],
+                                    attrs.attrs["stride"], attrs.attrs["padding"], grid, grid,
+                                    rounding="scaled"))
         elif isinstance(m, nn.Flatten):
-            layers.append(FlattenLayer(lname))
+            layers.append(FlattenLayer(label, (layers[-1].name,), layers[-1].out_grid))
         elif isinstance(m, (nn.Identity, nn.Dropout)):
             continue
         elif isinstance(m, nn.ReLU):
-            raise ValueError(f"ReLU {lname!r} is not fused; fuse conv+relu and linear+relu with "
+            raise ValueError(f"ReLU {label!r} is not fused; fuse conv+relu and linear+relu with "
                              f"torch.ao.quantization.fuse_modules before prepare/convert")
         else:
-            raise ValueError(f"layer {lname!r} is a {type(m).__name__}, which the NNA compiler does not support; "
+            raise ValueError(f"layer {label!r} is a {type(m).__name__}, which the NNA compiler does not support; "
                              f"supported: Quantize, quantized Conv2d/ConvReLU2d/Linear/LinearReLU, MaxPool2d, "
                              f"AvgPool2d, Flatten, Identity, Dropout, DeQuantize")
     if not layers:
@@ -447,7 +602,7 @@ def requantise_weights(program: Program, weight_bits=None, sparsity=None) -> Pro
     """A copy of ``program`` with weights pruned further and re-quantised to other bit-depths.
 
     For each weight layer named in the arguments: the real weights
-    (``weight * weight_scale``) lose their smallest-magnitude entries until a
+    (``weight * weight_grid.scale``) lose their smallest-magnitude entries until a
     share ``sparsity`` of the layer is zero (a layer already sparser stays as
     it is), then are rounded onto a symmetric, narrow-range, per-channel grid
     of ``weight_bits`` bits (scale: the channel's largest magnitude); the
@@ -473,18 +628,23 @@ def requantise_weights(program: Program, weight_bits=None, sparsity=None) -> Pro
             continue
         b = bits.get(layer.name, layer.weight_bits)
         shape = (-1,) + (1,) * (layer.weight.ndim - 1)
-        w = layer.weight.astype(np.float64) * layer.weight_scale.astype(np.float64).reshape(shape)
+        in_scale = np.float64(layer.in_grid.scale)
+        old_scale = layer.weight_grid.scale.astype(np.float64)
+        w = layer.weight.astype(np.float64) * old_scale.reshape(shape)
         if layer.name in share:
             k = int(round(share[layer.name] * w.size))
             if k > np.count_nonzero(w == 0):
                 order = np.argsort(np.abs(w), axis=None, kind="stable")
                 w.reshape(-1)[order[:k]] = 0.0
-        top = 2 ** (b - 1) - 1
+        spec = QuantSpec.for_weights(b)
+        top = spec.quant_max
         peak = np.abs(w).reshape(w.shape[0], -1).max(axis=1)
         scale = np.where(peak > 0, peak / top, np.finfo(np.float32).eps).astype(np.float32)
         codes = np.clip(np.rint(w / scale.astype(np.float64).reshape(shape)), -top, top).astype(np.int32)
-        bias_real = (layer.bias.astype(np.float64) * layer.in_scale * layer.weight_scale.astype(np.float64)
+        bias_real = (layer.bias.astype(np.float64) * 2.0 ** -layer.bias_frac_bits * in_scale * old_scale
                      if layer.bias_float is None else layer.bias_float.astype(np.float64))
-        layers.append(dataclasses.replace(layer, weight=codes, weight_bits=b, weight_scale=scale,
-                                          bias=_int_bias(bias_real, layer.in_scale, scale, layer.name)))
+        bias, frac_bits = _int_bias(bias_real, in_scale, scale, layer.name,
+                                    None if layer.bias_float is None else layer.bias_frac_bits)
+        layers.append(dataclasses.replace(layer, weight=codes, weight_grid=_weight_grid(spec, scale), bias=bias,
+                                          bias_frac_bits=frac_bits))
     return Program(layers, program.name, program.source)

@@ -8,7 +8,10 @@ A 5-bit weight takes 5 bits of memory, not 8 or 32.  Two layouts
 * ``"word16"``: ``16 // bits`` values per 16-bit word, so none crosses a word
   (a 5-bit layer stores 3 values per word and wastes 1 bit in 16).
 
-Signed values are stored in two's complement on ``bits`` bits.
+Signed values are stored in two's complement on ``bits`` bits.  Where a
+function takes ``bits`` and ``signed``, a :class:`~nnlab.quant.Grid` (or
+:class:`~nnlab.quant.QuantSpec`) may stand for both: its bit-depth and sign
+are what is stored.
 
 Three weight formats (:data:`nnlab.nna.config.SPARSE_FORMATS`), all in the
 weight's row-major order:
@@ -40,6 +43,14 @@ __all__ = ["pack", "unpack", "packed_bytes", "bit_layout", "EncodedWeights", "en
 INDEX_BITS = range(1, 9)
 
 
+def _bits_signed(bits, signed):
+    """``(bits, signed)`` from an int and a bool, or from a Grid/QuantSpec's spec."""
+    spec = getattr(bits, "spec", bits)
+    if hasattr(spec, "bits") and hasattr(spec, "signed"):
+        return spec.bits, spec.signed
+    return bits, signed
+
+
 def _check_bits_policy(bits, policy):
     check_int("bits", bits, minimum=1, maximum=16)
     check_choice("policy", policy, PACKINGS)
@@ -69,12 +80,12 @@ def packed_bytes(count: int, bits: int, policy: str = "dense") -> int:
     return 2 * (-(-count // per_word))
 
 
-def pack(values, bits: int, signed: bool = True, policy: str = "dense") -> np.ndarray:
+def pack(values, bits, signed: bool = True, policy: str = "dense") -> np.ndarray:
     """Pack integers at ``bits`` bits each into bytes.
 
     Args:
         values: integer array (any shape; flattened in row-major order).
-        bits: bits per value, 1..16.
+        bits: bits per value, 1..16 (or a Grid/QuantSpec: its bits and sign).
         signed: values are two's complement in ``[-2**(bits-1), 2**(bits-1) - 1]``
             (True) or unsigned in ``[0, 2**bits - 1]`` (False).
         policy: ``"dense"`` bitstream or ``"word16"`` (see the module docstring).
@@ -86,6 +97,7 @@ def pack(values, bits: int, signed: bool = True, policy: str = "dense") -> np.nd
         ValueError: a value does not fit in ``bits`` bits, or a bad bits/policy.
         TypeError: values are not integers.
     """
+    bits, signed = _bits_signed(bits, signed)
     _check_bits_policy(bits, policy)
     values = np.asarray(values)
     if values.size and not np.issubdtype(values.dtype, np.integer):
@@ -105,7 +117,7 @@ def pack(values, bits: int, signed: bool = True, policy: str = "dense") -> np.nd
     return words.view(np.uint8)
 
 
-def unpack(data, count: int, bits: int, signed: bool = True, policy: str = "dense") -> np.ndarray:
+def unpack(data, count: int, bits, signed: bool = True, policy: str = "dense") -> np.ndarray:
     """Read ``count`` integers of ``bits`` bits back from packed bytes (the inverse of :func:`pack`).
 
     Args:
@@ -119,6 +131,7 @@ def unpack(data, count: int, bits: int, signed: bool = True, policy: str = "dens
     Raises:
         ValueError: ``data`` is shorter than ``count`` values need.
     """
+    bits, signed = _bits_signed(bits, signed)
     _check_bits_policy(bits, policy)
     check_int("count", count, minimum=0)
     data = np.frombuffer(bytes(data), np.uint8) if isinstance(data, (bytes, bytearray)) else np.asarray(data)
@@ -138,7 +151,7 @@ def unpack(data, count: int, bits: int, signed: bool = True, policy: str = "dens
     return u.astype(np.int32)
 
 
-def bit_layout(values, bits: int, signed: bool = True, policy: str = "dense"):
+def bit_layout(values, bits, signed: bool = True, policy: str = "dense"):
     """Where each value's bits land in memory: a table for looking inside a packed array.
 
     Args:
@@ -153,6 +166,7 @@ def bit_layout(values, bits: int, signed: bool = True, policy: str = "dense"):
     """
     import pandas as pd
 
+    bits, signed = _bits_signed(bits, signed)
     values = np.asarray(values).reshape(-1)
     packed = pack(values, bits, signed, policy)
     rows = []
@@ -259,12 +273,12 @@ def _size(flat, nnz, fmt, bits, index_bits, policy):
     return packed_bytes(entries, index_bits, policy) + packed_bytes(entries, bits, policy)
 
 
-def encode_weights(codes, bits: int, formats=SPARSE_FORMATS, policy: str = "dense") -> EncodedWeights:
+def encode_weights(codes, bits, formats=SPARSE_FORMATS, policy: str = "dense") -> EncodedWeights:
     """Store a layer's integer weights in the smallest allowed format.
 
     Args:
         codes: integer weight array (signed, fits in ``bits`` bits).
-        bits: bits per weight (1..16).
+        bits: bits per weight (1..16), or the weights' Grid (a signed one).
         formats: formats allowed (a subset of ``("dense", "bitmask", "runlength")``).
         policy: ``"dense"`` or ``"word16"`` packing.
 
@@ -274,6 +288,9 @@ def encode_weights(codes, bits: int, formats=SPARSE_FORMATS, policy: str = "dens
     """
     for f in formats:
         check_choice("formats entry", f, SPARSE_FORMATS)
+    bits, signed = _bits_signed(bits, True)
+    if not signed:
+        raise ValueError("weights are stored signed; got an unsigned grid")
     _check_bits_policy(bits, policy)
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     nnz = int(np.count_nonzero(flat))

@@ -12,16 +12,25 @@ once here:
   non-zero weights count.
 * **DRAM traffic**: every layer's stored weights and parameters are read once
   per inference (the on-chip buffer holds activations, not the model); the
-  input image is read and the output written once; when a layer's input and
-  output activations do not fit in the buffer together, the output spills:
-  it is written to DRAM and read back (twice its size).
-* **SRAM traffic**: each weight, parameter, input and output activation
-  crosses the buffer's port once per layer (ideal reuse in the MAC array).
+  input image is read and the output written once; when a layer's inputs
+  (the outputs of the layers it reads: two for an add, several for a concat)
+  and its output do not fit in the buffer together, the output spills: it is
+  written to DRAM and read back (twice its size).  A tensor a skip connection
+  reads later is assumed to wait in the buffer.
+* **SRAM traffic**: each weight, parameter and output activation crosses the
+  buffer's port once per layer, and so does each input activation of a
+  Conv2d/Linear layer (ideal reuse in the MAC array); a flatten is free.
 * **Energy** (pJ, :class:`~nnlab.nna.config.EnergyTable`): MACs x (multiply
   at the operands' bit-depths + add at the accumulator width), or fp32
   multiply + add; SRAM per 64 bits at the buffer's size; DRAM per 64 bits.
-  Pooling and requantisation are neglected (a few operations per output,
-  against tens to hundreds of MACs).
+  Pooling, adds, concats and requantisation are neglected (a few operations
+  per output, against tens to hundreds of MACs).
+* **Overflow**: costs do not depend on the data, but whether the sums fit
+  in the accumulator does.  Given the :class:`~nnlab.nna.engine.Result`
+  of a run (``saturations=``), the table adds ``saturated`` (sums that
+  overflowed the accumulator and were saturated, per layer and in total)
+  and ``sum_bits`` (bits of the widest sum; the total row: the widest of
+  all), so an overflow shows in the same table as the costs.
 * **Time** (roofline): ``compute cycles = MACs / macs_per_cycle(bits)``,
   ``memory cycles = DRAM bytes / bytes per cycle``; a layer takes the larger
   (compute and transfers overlap) and is "compute"- or "memory"-bound.
@@ -39,8 +48,10 @@ from .config import SERIES2NX, NNAConfig
 from .program import FlattenLayer, InputLayer, Program, WeightLayer
 from .storage import encode_layer, parameter_bytes
 
-__all__ = ["report", "layer_costs", "summary", "COLUMNS"]
+__all__ = ["report", "layer_costs", "summary", "COLUMNS", "OVERFLOW_COLUMNS"]
 
+#: The columns :func:`report` adds when given a run's saturation counts.
+OVERFLOW_COLUMNS = ["saturated", "sum_bits"]
 #: The columns of :func:`report`.
 COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
            "padding_B", "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B",
@@ -77,26 +88,24 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
     fp32 = config.arithmetic == "fp32"
     e = config.energy
     shapes = output_shapes(program)
-    rows, prev_shape, prev_bits = [], None, None
-    last = program.layers[-1]
+    bits = {}  # layer name -> bits per output value
+    rows = []
+    last = program.output
     for layer in program.layers:
         out_shape = shapes[layer.name]
-        out_bits = 32 if fp32 else getattr(layer, "out_bits", getattr(layer, "bits", prev_bits))
-        if isinstance(layer, WeightLayer) and layer.out_scale is None:
-            out_bits = 32  # int32 sums (or fp32 logits)
+        out_bits = 32 if fp32 or layer.out_grid is None else layer.out_grid.bits  # int32 sums (or fp32 logits)
+        in_values = [(_prod(shapes[name]), bits[name]) for name in layer.inputs]
         row = {"layer": layer.name, "op": layer.op, "w_bits": np.nan, "a_bits": np.nan, "density": np.nan,
                "format": "", "payload_B": 0.0, "index_B": 0.0, "params_B": 0.0, "padding_B": 0.0,
                "macs_dense": 0, "macs": 0, "energy_mac_nJ": 0.0}
         dram_bytes = sram_bits = 0.0
         if isinstance(layer, InputLayer):
-            in_bits = 32 if fp32 else layer.bits
-            dram_bytes += _prod(out_shape) * in_bits / 8  # the image, read once
-            row["a_bits"] = in_bits
-            out_bits = in_bits
+            dram_bytes += _prod(out_shape) * out_bits / 8  # the image, read once
+            row["a_bits"] = out_bits
         elif isinstance(layer, WeightLayer):
             positions = _prod(out_shape[1:]) if layer.op == "conv2d" else 1
             nnz = int(np.count_nonzero(layer.weight))
-            a_bits = 32 if fp32 else layer.in_bits
+            a_bits = 32 if fp32 else layer.in_grid.bits
             row.update(a_bits=a_bits, density=nnz / layer.weight.size, macs_dense=positions * layer.weight.size)
             row["macs"] = positions * nnz if config.skip_zeros else row["macs_dense"]
             if fp32:
@@ -114,12 +123,12 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
                 per_cycle = config.macs_per_cycle(layer.weight_bits, a_bits)
             weights_bytes = row["payload_B"] + row["index_B"] + row["padding_B"] + row["params_B"]
             dram_bytes += weights_bytes
-            in_act = _prod(prev_shape) * a_bits
+            in_act = sum(count for count, _ in in_values) * a_bits
             sram_bits += 8 * weights_bytes + in_act
             row["energy_mac_nJ"] = row["macs"] * mac_pj / 1000
             row["cycles_compute"] = row["macs"] / per_cycle
         if not isinstance(layer, InputLayer):
-            in_bits_total = _prod(prev_shape) * (32 if fp32 else (prev_bits or 8))
+            in_bits_total = sum(count * b for count, b in in_values)
             out_bits_total = _prod(out_shape) * out_bits
             if isinstance(layer, FlattenLayer):
                 out_bits_total = 0  # a reshape, in place
@@ -141,7 +150,7 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
             "compute" if row["cycles_compute"] >= row["cycles_memory"] else "memory")
         row["latency_us"] = row["cycles"] / config.clock_hz * 1e6
         rows.append(row)
-        prev_shape, prev_bits = out_shape, out_bits
+        bits[layer.name] = out_bits
     return pd.DataFrame(rows)
 
 
@@ -156,7 +165,32 @@ def _total(table: pd.DataFrame, label="total") -> dict:
     return row
 
 
-def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig | None = None) -> pd.DataFrame:
+def _overflow(program: Program, config: NNAConfig, saturations):
+    """``(counts, sum_bits, accumulator_bits)`` per layer from a run's Result, or from a dict of counts."""
+    from .engine import Result
+
+    if isinstance(saturations, Result):
+        if saturations.accumulator_bits != config.accumulator_bits:
+            raise ValueError(f"saturations come from a run with a {saturations.accumulator_bits}-bit accumulator, but "
+                             f"config {config.name!r} has {config.accumulator_bits} bits; run with config=config")
+        counts, widths, bits = saturations.saturations, saturations.sum_bits, saturations.accumulator_bits
+    elif isinstance(saturations, dict):
+        counts, widths, bits = saturations, {}, config.accumulator_bits
+    else:
+        raise TypeError(f"saturations must be the Result of nnlab.nna.run (or a dict layer -> count), got "
+                        f"{type(saturations).__name__}")
+    names = {layer.name for layer in program.weight_layers}
+    for name, count in counts.items():
+        if name not in names:
+            raise ValueError(f"saturations name layer {name!r}, which is not a weight layer of program "
+                             f"{program.name!r}")
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 0:
+            raise ValueError(f"saturations[{name!r}] must be a count (an integer >= 0), got {count!r}")
+    return counts, widths, bits
+
+
+def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig | None = None, *,
+           saturations=None) -> pd.DataFrame:
     """Per-layer and total costs of ``program`` on ``config``, next to the fp32 dense network.
 
     Args:
@@ -164,15 +198,26 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         config: the accelerator (default: the Series2NX-like preset).
         baseline: the reference config (default ``config.as_fp32()``: the
             same accelerator in fp32, dense).
+        saturations: optionally the :class:`~nnlab.nna.engine.Result` of
+            ``nnlab.nna.run(program, images, config=config)`` (or a dict
+            layer name -> saturated sums): adds the columns ``saturated`` and
+            ``sum_bits`` (see the module docstring).
 
     Returns:
-        DataFrame with :data:`COLUMNS`, one row per layer and a ``"total"``
+        DataFrame with :data:`COLUMNS` (and :data:`OVERFLOW_COLUMNS` when
+        ``saturations`` is given), one row per layer and a ``"total"``
         row.  ``fp32_*`` columns are the baseline's; ``compression`` and
         ``energy_ratio`` are baseline / program.  ``attrs["summary"]`` holds
-        the headline figures (:func:`summary`).  In the total row ``density``
-        is the share of MACs left after zero skipping.
+        the headline figures (:func:`summary`), with ``saturated`` and
+        ``accumulator_bits`` when ``saturations`` is given.  In the total row
+        ``density`` is the share of MACs left after zero skipping.
+
+    Raises:
+        TypeError, ValueError: a bad ``saturations`` (a run with another
+            accumulator width, or layers the program does not have).
     """
     baseline = config.as_fp32() if baseline is None else baseline
+    overflow = None if saturations is None else _overflow(program, config, saturations)
     ours = layer_costs(program, config)
     base = layer_costs(program, baseline)
     table = ours.copy()
@@ -184,7 +229,14 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
     with np.errstate(divide="ignore", invalid="ignore"):
         table["compression"] = np.where(table["storage_B"] > 0, table["fp32_B"] / table["storage_B"], np.nan)
         table["energy_ratio"] = np.where(table["energy_nJ"] > 0, table["fp32_energy_nJ"] / table["energy_nJ"], np.nan)
-    table = table[COLUMNS]
+    columns = list(COLUMNS)
+    if overflow is not None:
+        counts, widths, _ = overflow
+        layers = table["layer"].iloc[:-1]
+        table["saturated"] = [int(counts.get(name, 0)) for name in layers] + [int(sum(counts.values()))]
+        table["sum_bits"] = [widths.get(name, np.nan) for name in layers] + [max(widths.values(), default=np.nan)]
+        columns += OVERFLOW_COLUMNS
+    table = table[columns]
     t = table.iloc[-1]
     table.attrs["summary"] = {
         "config": config.name, "baseline": baseline.name,
@@ -197,6 +249,8 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         "latency_us": float(t["latency_us"]), "fp32_latency_us": float(t["fp32_latency_us"]),
         "speedup": float(t["fp32_latency_us"] / t["latency_us"]) if t["latency_us"] else math.nan,
     }
+    if overflow is not None:
+        table.attrs["summary"].update(saturated=int(t["saturated"]), accumulator_bits=overflow[2])
     return table
 
 

@@ -19,7 +19,7 @@ REPORT_FORMATS = {
                               "macs", "dram_B", "sram_B", "cycles_compute", "cycles_memory", "cycles")},
     "compression": "{:.1f}x", "energy_ratio": "{:.1f}x",
     **{c: "{:,.1f}" for c in ("energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ")},
-    "latency_us": "{:.3f}", "fp32_latency_us": "{:.3f}",
+    "latency_us": "{:.3f}", "fp32_latency_us": "{:.3f}", "saturated": "{:,.0f}", "sum_bits": "{:.0f}",
 }
 
 

@@ -1,8 +1,10 @@
-"""Reduction: quantise weights and activations to a chosen bit-depth (METHOD.md step 2).
+"""Reduction: quantise weights and activations to a chosen bit-depth.
 
 Modules, one subject each:
 
-* :mod:`nnlab.quant.spec`: :class:`QuantSpec`, the value object describing a grid;
+* :mod:`nnlab.quant.spec`: :class:`QuantSpec`, the value object describing which integers a tensor holds;
+* :mod:`nnlab.quant.grid`: :class:`Grid`, a spec with its scale and zero point: one frozen value
+  that quantisers return and the NNA simulator reads;
 * :mod:`nnlab.quant.tensor`: scale choice and (fake) quantisation of tensors;
 * :mod:`nnlab.quant.modules`: :class:`WeightQuantizer`, :class:`ActQuantizer`, :class:`FixedMask`;
 * :mod:`nnlab.quant.model`: post-training quantisation of a network (:func:`quantise_model`);
@@ -14,8 +16,18 @@ Modules, one subject each:
 How a quantised model is represented
 ------------------------------------
 :func:`quantise_model` (or :func:`attach_quantisers` + :func:`calibrate`)
-returns an ordinary ``nn.Module`` built from the float model:
+returns a rewritten copy of the float model:
 
+* **Structure.** With activation quantisation, the model is traced with
+  ``torch.fx`` (:mod:`nnlab.graph`) and the copy is a ``torch.fx.GraphModule``
+  whose class name is the model's (``"LeNet5"``): its ``forward`` is the
+  model's real data flow (residual adds, concatenations, a ``Sequential``
+  subclass's own ``forward``) with the activation quantisers inserted.
+  Layers keep their names and nesting: ``model.get_submodule("conv2")``,
+  ``model.get_submodule("layer1.0.conv1")``; positional indexing
+  (``model[0]``) is gone.  Weights alone (``act_bits=None``) need no graph:
+  the copy keeps the model's own class.  A DistributedDataParallel wrapper is
+  unwrapped first (:func:`nnlab.distributed.unwrap`).
 * **Weights.** Each ``nn.Conv2d`` / ``nn.Linear`` keeps its class and name.
   Its ``weight`` is parametrized (``torch.nn.utils.parametrize``); the
   chain ``layer.parametrizations.weight`` is ``[FixedMask, WeightQuantizer]``
@@ -24,29 +36,38 @@ returns an ordinary ``nn.Module`` built from the float model:
   with ``w = layer.parametrizations.weight.original``.  Get the quantiser
   with ``weight_quantizer(layer)``; it holds ``spec`` (a :class:`QuantSpec`),
   ``scale`` (float32) and ``zero_point`` (int32) buffers, both 0-dim
-  (per tensor) or of shape ``(out_channels,)`` (per channel, axis 0).
+  (per tensor) or of shape ``(out_channels,)`` (per channel, axis 0), and
+  ``grid()`` returns them as one frozen :class:`Grid`.
   Weight specs are signed and symmetric, so ``zero_point`` is 0 and pruned
   zeros are exact zeros.  ``quantised_weight(layer)`` returns
   ``(codes, spec, scale, zero_point)`` with the int32 codes.  Biases stay float.
-* **Activations.** :class:`ActQuantizer` modules are inserted into the
-  ``nn.Sequential``: ``"input_quant"`` first (asymmetric unsigned spec with a
-  zero point: the normalised image is signed) and one quantiser per ReLU
-  (unsigned, zero point 0), named ``"<n>_quant"`` after the module ``<n>`` it
-  follows: the ReLU itself, or the MaxPool2d that directly follows the ReLU
-  (max pooling commutes with rounding, so the values are identical and a
-  quarter as many are quantised).  Each holds ``spec``, ``scale`` and
-  ``zero_point`` (0-dim); ``act_quantizer_names(model)`` lists the names.
-  The network's output (logits) is not quantised.  Walking
-  ``model.named_modules()`` yields, in data-flow order, the input quantiser,
-  then for each weight layer: the layer, [BatchNorm], ReLU, [MaxPool2d], its
-  ActQuantizer.
+* **Activations.** :class:`ActQuantizer` modules sit on the graph's edges
+  where the NNA stores a tensor, so that the fake-quantised model rounds
+  exactly where the simulator does: ``"input_quant"`` on the input
+  (asymmetric unsigned spec with a zero point: the normalised image is
+  signed), and ``"<node>_quant"`` after each Conv2d/Linear with what fuses
+  into it (batch norm, ReLU/ReLU6/Hardtanh, a max pool), after each add, each
+  concat and each average pool, named after the graph node it follows (a
+  module's node is named after the module, dots as underscores:
+  ``"layer1_0_relu_quant"``).  A quantiser after a ReLU-like clamp (or after
+  values that stay >= 0) is unsigned with zero point 0; one after a layer
+  without activation has a zero point.  A max pool right after a ReLU takes
+  the quantiser after it (max pooling commutes with rounding, so the values
+  are identical and a quarter as many are quantised): LeNet-5's quantisers
+  are ``input_quant``, ``pool1_quant``, ``pool2_quant``, ``relu3_quant``,
+  ``relu4_quant``.  The network's output (logits) is not quantised.  Each
+  quantiser holds ``spec``, ``scale`` and ``zero_point`` (0-dim) and
+  ``grid()``; ``act_quantizer_names(model)`` lists the names and
+  ``act_quantizers(model)`` the modules, in data-flow order.
 * **Grid semantics** (PyTorch's): ``q = clamp(round(x * (1/scale)) +
   zero_point, spec.quant_min, spec.quant_max)``, rounding half to even, and
   ``x_hat = (q - zero_point) * scale``.
-* **Names** of the original layers are unchanged (``"conv1"``, ``"conv2"``, ``"fc1"``
-  ... in LeNet-5); positional indexing shifts by the inserted quantisers, so
-  use ``model.get_submodule(name)``.  ``describe(model)`` lists every
-  quantiser in order as a table.
+* ``describe(model)`` lists every quantiser in data-flow order as a table.
+* **Non-finite values** are refused, never rounded: a NaN or an infinity in
+  a weight, a bias, a calibration batch or the activations a quantiser
+  rounds raises a ValueError naming the layer or quantiser
+  (``"the activations at 'input_quant': 3 NaN and 0 infinite value(s) ..."``);
+  see :func:`check_finite`.
 * After retraining, :func:`freeze` has written the quantised values into
   the weights, so ``original`` already lies on the grid.
 """
@@ -56,14 +77,15 @@ from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_qua
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .retraining import METHODS, SCHEDULES, RandomSubset, pretrained_quantised, retrain
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
+from .grid import Grid
 from .spec import GRANULARITIES, MAX_BITS, MIN_BITS, QuantSpec
-from .tensor import (MIN_SCALE, SCALE_METHODS, compute_qparams, dequantise, fake_quantise, grid_levels,
-                     qparams_from_range, quantise, value_range)
+from .tensor import (MIN_SCALE, SCALE_METHODS, check_finite, check_finite_parameters, compute_qparams, dequantise,
+                     fake_quantise, grid_levels, qparams_from_range, quantise, value_range)
 
 __all__ = [
-    "QuantSpec", "GRANULARITIES", "MIN_BITS", "MAX_BITS",
+    "QuantSpec", "Grid", "GRANULARITIES", "MIN_BITS", "MAX_BITS",
     "compute_qparams", "qparams_from_range", "value_range", "fake_quantise", "quantise", "dequantise",
-    "grid_levels", "SCALE_METHODS", "MIN_SCALE",
+    "grid_levels", "SCALE_METHODS", "MIN_SCALE", "check_finite", "check_finite_parameters",
     "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS",
     "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
     "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",

@@ -2,7 +2,9 @@
 
 :func:`quantise_model` is post-training quantisation in one call
 (:func:`attach_quantisers` then :func:`calibrate`).  The result is an
-ordinary ``nn.Module``: evaluate it, retrain it (:mod:`nnlab.quant.retraining`)
+ordinary ``nn.Module`` (a ``torch.fx.GraphModule`` when activations are
+quantised: the model's traced data flow with the quantisers inserted, see
+:mod:`nnlab.quant`): evaluate it, retrain it (:mod:`nnlab.quant.retraining`)
 or hand it to the NNA simulator.
 """
 
@@ -13,15 +15,17 @@ from collections import OrderedDict
 
 import pandas as pd
 import torch
+import torch.fx as fx
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
+from .. import graph
 from .._args import check_choice, check_positive_int
 from ..distributed import unwrap
 from ..train import resolve_device
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .spec import GRANULARITIES, QuantSpec
-from .tensor import SCALE_METHODS, fake_quantise
+from .tensor import SCALE_METHODS, check_finite_parameters, fake_quantise
 
 __all__ = ["INPUT_QUANTIZER", "WEIGHT_LAYERS", "weight_layers", "weight_quantizer", "act_quantizers",
            "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
@@ -56,9 +60,22 @@ def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
     return None
 
 
+def _flow_order(model: nn.Module):
+    """``(name, module)`` pairs in data-flow order: graph order for a GraphModule, module order otherwise."""
+    model = unwrap(model)
+    if not isinstance(model, fx.GraphModule):
+        yield from model.named_modules()
+        return
+    seen = set()
+    for node in model.graph.nodes:
+        if node.op == "call_module" and node.target not in seen:
+            seen.add(node.target)
+            yield node.target, model.get_submodule(node.target)
+
+
 def act_quantizers(model: nn.Module) -> "OrderedDict[str, ActQuantizer]":
     """The activation quantisers of ``model`` (or of the model inside a DDP wrapper) by name, in data-flow order."""
-    return OrderedDict((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, ActQuantizer))
+    return OrderedDict((n, m) for n, m in _flow_order(model) if isinstance(m, ActQuantizer))
 
 
 def quantised_weight(layer: nn.Module):
@@ -131,50 +148,72 @@ def _check_overrides(arg, overrides, valid):
     return overrides
 
 
-def _act_positions(seq: nn.Sequential, prefix=""):
-    """Names of the children of ``seq`` (and nested Sequentials) that an ActQuantizer follows.
+def _placements(model: nn.Module) -> list:
+    """Where :func:`attach_quantisers` puts activation quantisers: ``(graph module, [(node, name, non-negative)])``.
 
-    The quantiser follows each ReLU, or the MaxPool2d right after it: max
-    pooling commutes with rounding onto a grid (both are monotone), so the
-    values are identical and a quarter as many get quantised.
+    Read from the model's graph (:mod:`nnlab.graph`): one quantiser on the
+    input, and one at the end (the ``tail``) of every step that computes a
+    new tensor: a Conv2d/Linear with its batch norm, activations and max
+    pool, an add, a concat, an average pool.  The last Conv2d/Linear, whose
+    output only reaches the model's output, is not quantised (its sums are
+    the logits).
     """
-    names, items = [], list(seq._modules.items())
-    for i, (name, child) in enumerate(items):
-        if isinstance(child, nn.ReLU):
-            nxt = items[i + 1][1] if i + 1 < len(items) else None
-            if not isinstance(nxt, nn.MaxPool2d):
-                names.append(f"{prefix}{name}")
-        elif isinstance(child, nn.MaxPool2d) and i > 0 and isinstance(items[i - 1][1], nn.ReLU):
-            names.append(f"{prefix}{name}")
-        elif isinstance(child, nn.Sequential):
-            names += _act_positions(child, f"{prefix}{name}.")
-    return names
+    gm = graph.trace(model)
+    ops = graph.classify(gm)
+    steps = graph.fuse(ops)
+    nonneg = graph.nonnegative(ops)
+    taken = set(dict(gm.named_modules()))
+    places = []
+    for step in steps:
+        if step.kind == "input":
+            name = INPUT_QUANTIZER
+        elif step.kind in graph.PRODUCERS:
+            if step.kind in ("conv2d", "linear") and graph.reaches_output_only(step.tail, ops):
+                continue
+            name = graph.quantiser_name(step.tail)
+        else:
+            continue
+        if name in taken:
+            raise ValueError(f"cannot name the activation quantiser after node {step.tail.name!r} {name!r}: "
+                             f"the model already has a module of that name")
+        taken.add(name)
+        places.append((step.tail, name, nonneg[step.tail]))
+    return gm, places
 
 
 def act_quantizer_names(model: nn.Module) -> list:
-    """Names the activation quantisers of ``model`` get (keys for ``act_overrides``), in order.
+    """Names of the activation quantisers of ``model`` (keys for ``act_overrides``), in data-flow order.
 
-    ``"input_quant"`` first, then ``"<n>_quant"`` for each module ``<n>`` a
-    quantiser follows: a ReLU, or the MaxPool2d directly after a ReLU.
+    For a float model: the names :func:`attach_quantisers` gives them,
+    ``"input_quant"`` first, then ``"<node>_quant"`` for each node a
+    quantiser follows (see :mod:`nnlab.quant`).  For a quantised model: the
+    names of its quantisers.
+
+    Raises:
+        nnlab.graph.GraphError: the model cannot be traced, or has a node
+            nnlab does not support.
     """
-    if not isinstance(model, nn.Sequential):
-        return []
-    return [INPUT_QUANTIZER] + [n + _ACT_SUFFIX for n in _act_positions(model)]
+    model = unwrap(model)
+    existing = act_quantizers(model)
+    if existing:
+        return list(existing)
+    return [name for _, name, _ in _placements(model)[1]]
 
 
-def _insert_act_quantizers(seq: nn.Sequential, make, positions, prefix="", top=True):
-    """Rebuild ``seq``'s children with an ActQuantizer after each of ``positions`` (and at the input if top)."""
-    children = OrderedDict()
-    if top:
-        children[INPUT_QUANTIZER] = make(INPUT_QUANTIZER)
-    for name, child in seq._modules.items():
-        children[name] = child
-        full = f"{prefix}{name}"
-        if full in positions:
-            children[name + _ACT_SUFFIX] = make(full + _ACT_SUFFIX)
-        elif isinstance(child, nn.Sequential):
-            _insert_act_quantizers(child, make, positions, prefix=f"{full}.", top=False)
-    seq._modules = children
+def _insert_act_quantizers(model: nn.Module, make) -> fx.GraphModule:
+    """The graph of ``model`` with ``make(name, non_negative)`` inserted after each placement (None: skipped)."""
+    gm, places = _placements(model)
+    for tail, name, nonneg in places:
+        quantiser = make(name, nonneg)
+        if quantiser is None:
+            continue
+        gm.add_submodule(name, quantiser)
+        with gm.graph.inserting_after(tail):
+            node = gm.graph.call_module(name, (tail,))
+        tail.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
 
 
 def attach_quantisers(
@@ -196,18 +235,29 @@ def attach_quantisers(
     parametrization whose scale is computed from its weight now.  A layer
     pruned with ``torch.nn.utils.prune`` keeps its mask as a
     :class:`FixedMask` parametrization applied first, so pruned weights stay
-    exactly zero.  Activations (when ``act_bits`` is given): an
-    :class:`ActQuantizer` named ``"input_quant"`` in front of the first layer
-    (asymmetric: normalised images are signed) and one after each ReLU
-    (unsigned, zero point 0), named ``"<n>_quant"`` after the module ``<n>``
-    it follows: the ReLU, or the MaxPool2d right after it (pooling commutes
-    with rounding, so the values are the same and 4x fewer are quantised).
-    Original layers keep their names, but positional indices shift
-    (``model[0]`` is now the input quantiser): use ``get_submodule("conv2")``.
+    exactly zero.
+
+    Activations (when ``act_bits`` or ``act_overrides`` is given): the model
+    is traced (:mod:`nnlab.graph`) and an :class:`ActQuantizer` goes on every
+    edge where the NNA stores a tensor: ``"input_quant"`` on the input, and
+    ``"<node>_quant"`` after each Conv2d/Linear with what fuses into it
+    (batch norm, ReLU/ReLU6/Hardtanh, a max pool), each add, concat and
+    average pool.  The last Conv2d/Linear (the logits) is not quantised.  A
+    quantiser after a ReLU-like clamp (or after values that stay >= 0) is
+    unsigned with zero point 0; the others (the input, a layer without
+    activation) have a zero point.  In LeNet-5 they are ``input_quant``,
+    ``pool1_quant``, ``pool2_quant``, ``relu3_quant`` and ``relu4_quant``:
+    after a max pool that follows a ReLU, since max pooling commutes with
+    rounding.  The result is then a ``torch.fx.GraphModule`` (class name
+    that of ``model``): layers keep their names (``get_submodule("conv2")``,
+    ``get_submodule("layer1.0.conv1")``), indexing such as ``model[0]``
+    is gone.  Without activation quantisation the result is a copy of
+    ``model`` itself, of its own class.
 
     Args:
-        model: the float network; activation quantisation needs an
-            ``nn.Sequential`` (LeNet-5, LeNet-300-100 and VGGSmall are).
+        model: the float network: any ``nn.Module``; with activation
+            quantisation, one ``torch.fx`` can trace, made of the operations
+            in :data:`nnlab.graph.SUPPORTED`.
         weight_bits: bit-depth of every weight (2..16), or None to leave
             weights float.
         act_bits: bit-depth of activations (2..16), or None to leave them float.
@@ -217,19 +267,25 @@ def attach_quantisers(
         act_method: ``"max"`` or ``"percentile"`` activation ranges.
         overrides: per-layer weight choice, ``{"conv1": 8, "fc3": QuantSpec(...)}``
             (a bit-depth or a full QuantSpec), keyed by Conv2d/Linear name.
-        act_overrides: per-quantiser activation bits or spec, keyed by the
-            quantiser's name (see :func:`act_quantizer_names`), e.g.
-            ``{"input_quant": 8, "pool1_quant": 6}``.
-        inplace: change ``model`` itself instead of a deep copy.
+        act_overrides: per-quantiser activation bits or spec (None: no
+            quantiser there), keyed by the quantiser's name (see
+            :func:`act_quantizer_names`), e.g. ``{"input_quant": 8, "pool1_quant": 6}``.
+        inplace: parametrize the layers of ``model`` itself instead of a deep
+            copy's (with activation quantisers, the returned GraphModule
+            shares those layers).
 
     Returns:
         The quantised model (in eval mode).  Run :func:`calibrate` before use
-        when ``act_bits`` is set.
+        when activations are quantised.
 
     Raises:
         TypeError, ValueError: bad bit-depths, an unknown granularity or
-            method, an override naming a layer that does not exist, or
-            activation quantisation of a model that is not an nn.Sequential.
+            method, an override naming a layer or quantiser that does not
+            exist, an already quantised model, a weight, bias or buffer
+            holding NaN or infinite values (named).
+        nnlab.graph.GraphError: activation quantisation of a model that
+            cannot be traced, or with a node nnlab does not support (the
+            message names the node).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -249,11 +305,10 @@ def attach_quantisers(
         _weight_spec(weight_bits, granularity, narrow_range, value, name)
     if any(isinstance(m, (WeightQuantizer, ActQuantizer)) for m in model.modules()):
         raise ValueError("model is already quantised (it has WeightQuantizer/ActQuantizer modules)")
-    if act_bits is not None or act_overrides:
-        if not isinstance(model, nn.Sequential):
-            raise ValueError(f"activation quantisation needs an nn.Sequential model, got {type(model).__name__}; "
-                             f"pass act_bits=None to quantise the weights only")
-    act_overrides = _check_overrides("act_overrides", act_overrides, act_quantizer_names(model))
+    check_finite_parameters(model)  # NaN or infinity: refused here, naming the layer, not rounded onto a grid
+    quantise_activations = act_bits is not None or bool(act_overrides)
+    if quantise_activations:  # trace and check every node before anything changes
+        act_overrides = _check_overrides("act_overrides", act_overrides, act_quantizer_names(model))
 
     if not inplace:
         model = _deepcopy(model)
@@ -265,23 +320,23 @@ def attach_quantisers(
         spec = _weight_spec(weight_bits, granularity, narrow_range, value, name)
         _mask_to_parametrization(layer)
         parametrize.register_parametrization(
-            layer, "weight", WeightQuantizer(spec, layer.weight.detach(), method=weight_method))
+            layer, "weight", WeightQuantizer(spec, layer.weight.detach(), method=weight_method,
+                                             label=f"the weight of layer {name!r}"))
 
-    if act_bits is not None or act_overrides:
-        def make(name):
+    if quantise_activations:
+        def make(name, non_negative):
             value = act_overrides.get(name, act_bits)
+            if value is None:
+                return None
             if isinstance(value, QuantSpec):
                 spec = value
-            elif value is None:
-                return nn.Identity()
-            elif name == INPUT_QUANTIZER:
-                spec = QuantSpec.for_inputs(value)
-            else:
+            elif non_negative:
                 spec = QuantSpec.for_activations(value)
-            return ActQuantizer(spec, method=act_method)
-        _insert_act_quantizers(model, make, set(_act_positions(model)))
+            else:
+                spec = QuantSpec.for_inputs(value)
+            return ActQuantizer(spec, method=act_method, label=f"the activations at {name!r}")
         device = next(model.parameters()).device
-        model.to(device)
+        model = _insert_act_quantizers(model, make).to(device)
     return model.eval()
 
 
@@ -317,7 +372,8 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
         device = next(model.parameters()).device
     dev = resolve_device(device)
     loader = data.train if hasattr(data, "train") and hasattr(data, "description") else data
-    for q in quantizers.values():
+    for name, q in quantizers.items():
+        q.label = f"the activations at {name!r}"
         q.start_calibration()
     model.eval()
     with torch.random.fork_rng(devices=[]):
@@ -359,7 +415,12 @@ def quantise_model(
             :func:`attach_quantisers`.
 
     Returns:
-        The quantised model, an ordinary ``nn.Module`` in eval mode.
+        The quantised model, an ordinary ``nn.Module`` in eval mode (a
+        ``torch.fx.GraphModule`` when activations are quantised; see
+        :func:`attach_quantisers`).
+
+    Raises:
+        TypeError, ValueError, nnlab.graph.GraphError: as :func:`attach_quantisers`.
 
     Example:
         >>> q = quantise_model(net, data, weight_bits=4, act_bits=8, overrides={"conv1": 8})
@@ -426,7 +487,7 @@ def distinct_values(model: nn.Module) -> pd.DataFrame:
 
 
 def describe(model: nn.Module) -> pd.DataFrame:
-    """One row per quantiser in module order: what it quantises and on which grid.
+    """One row per quantiser in data-flow order: what it quantises and on which grid.
 
     Args:
         model: a quantised model.
@@ -438,7 +499,7 @@ def describe(model: nn.Module) -> pd.DataFrame:
         per-channel scales), ``zero_point`` and ``levels``.
     """
     rows = []
-    for name, m in unwrap(model).named_modules():
+    for name, m in _flow_order(model):
         q, kind = None, None
         if isinstance(m, WEIGHT_LAYERS):
             q, kind = weight_quantizer(m), "weight"

@@ -8,6 +8,11 @@
 * :class:`ActQuantizer`: a module placed in the network (after the input and
   after each ReLU) that first observes activations (calibration), then
   fake-quantises them.
+
+Each quantiser carries a ``label`` (``"the weight of layer 'fc1'"``,
+``"the activations at 'relu3_quant'"``) that names it in errors: a NaN or an
+infinity met while calibrating, observing a weight or fake-quantising is
+refused with that name (see :mod:`nnlab.quant.tensor`).
 """
 
 from __future__ import annotations
@@ -17,12 +22,19 @@ from torch import nn
 
 from .._args import check_choice, check_float
 from ..distributed import all_reduce_min_max, all_reduce_sum, is_distributed
+from .grid import Grid
 from .spec import QuantSpec
-from .tensor import MIN_SCALE, SCALE_METHODS, compute_qparams, fake_quantise, qparams_from_range, quantise
+from .tensor import (MIN_SCALE, SCALE_METHODS, _check_scale, _fake_quantise, check_finite, compute_qparams,
+                     qparams_from_range, quantise)
 
 __all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS"]
 
 ACT_METHODS = ("max", "percentile")
+
+
+def _stamp(t: torch.Tensor) -> tuple:
+    """Where a tensor's values live and how often they were written in place: equal stamps, same values."""
+    return t.data_ptr(), t._version
 
 
 class FixedMask(nn.Module):
@@ -53,6 +65,11 @@ class WeightQuantizer(nn.Module):
         weight: the current weight, used for the first scale and the shape.
         method: scale choice, ``"max"``, ``"percentile"`` or ``"mse"``.
         percentile: for ``method="percentile"``.
+        label: names the weight in error messages (default ``"the weight"``;
+            :func:`nnlab.quant.attach_quantisers` gives the layer's name).
+
+    Raises:
+        ValueError: ``weight`` holds NaN or infinite values (named by ``label``).
 
     Attributes:
         spec: the QuantSpec.
@@ -68,14 +85,19 @@ class WeightQuantizer(nn.Module):
             others stay float).  Evaluation always quantises every weight.
     """
 
-    def __init__(self, spec: QuantSpec, weight: torch.Tensor, method: str = "max", percentile: float = 99.9):
+    label = "the weight"  # what errors call it (set per layer by attach_quantisers)
+    _checked = None  # the scale's _stamp when it was last checked
+
+    def __init__(self, spec: QuantSpec, weight: torch.Tensor, method: str = "max", percentile: float = 99.9,
+                 label: str = "the weight"):
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {spec!r}")
         check_choice("method", method, SCALE_METHODS)
         self.spec, self.method, self.percentile = spec, method, percentile
+        self.label = str(label)
         self.shape = tuple(weight.shape)
-        scale, zero_point = compute_qparams(weight, spec, method, percentile)
+        scale, zero_point = compute_qparams(weight, spec, method, percentile, name=self.label)
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zero_point)
         self.register_buffer("clip", torch.ones_like(scale))
@@ -100,7 +122,7 @@ class WeightQuantizer(nn.Module):
     @torch.no_grad()
     def observe(self, w: torch.Tensor) -> None:
         """Recompute ``scale`` and ``zero_point`` from the weight ``w`` with the quantiser's method (in place)."""
-        scale, zero_point = compute_qparams(w, self.spec, self.method, self.percentile)
+        scale, zero_point = compute_qparams(w, self.spec, self.method, self.percentile, name=self.label)
         self.scale.copy_(scale)
         self.zero_point.copy_(zero_point)
         if self.spec.symmetric and self.spec.signed and w.numel() > 0:
@@ -141,14 +163,23 @@ class WeightQuantizer(nn.Module):
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.training and self.track:
             self.follow(w)
-        wq = fake_quantise(w, self.spec, self.scale, self.zero_point)
+        # The scale follows w while tracking (finite for a finite w, which is checked); otherwise it is checked
+        # once after each change (its version counter moves with every in-place write, load_state_dict's too).
+        check_scale = not (self.training and self.track) and self._checked != _stamp(self.scale)
+        wq = _fake_quantise(w, self.spec, self.scale, self.zero_point, self.label, check_scale)
+        if check_scale:
+            self._checked = _stamp(self.scale)
         if self.training and self.fraction is not None and self.fraction < 1.0:
             wq = torch.where(self.priority < self.fraction, wq, w)
         return wq
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The int32 grid integers of ``w`` (what the accelerator stores)."""
-        return quantise(w, self.spec, self.scale, self.zero_point)
+        return quantise(w, self.spec, self.scale, self.zero_point, name=self.label)
+
+    def grid(self) -> Grid:
+        """The grid the weight is rounded onto now, as a frozen :class:`~nnlab.quant.Grid`."""
+        return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
 
     def extra_repr(self) -> str:
         return f"spec={self.spec}, method={self.method!r}"
@@ -167,6 +198,9 @@ class ActQuantizer(nn.Module):
         method: ``"max"`` (the largest range seen) or ``"percentile"`` (the
             mean over batches of each batch's percentile: clips outliers).
         percentile: for ``method="percentile"``.
+        label: names the activations in error messages (default ``"the
+            activations"``; :func:`nnlab.quant.attach_quantisers` and
+            :func:`nnlab.quant.calibrate` give the quantiser's name).
 
     Attributes:
         spec, scale, zero_point: as for :class:`WeightQuantizer` (per tensor).
@@ -174,7 +208,11 @@ class ActQuantizer(nn.Module):
         lo, hi, batches: buffers with the observed range and the batch count.
     """
 
-    def __init__(self, spec: QuantSpec, method: str = "max", percentile: float = 99.99):
+    label = "the activations"  # what errors call it (set per quantiser by attach_quantisers and calibrate)
+    _checked = None  # the scale's _stamp when it was last checked
+
+    def __init__(self, spec: QuantSpec, method: str = "max", percentile: float = 99.99,
+                 label: str = "the activations"):
         super().__init__()
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, got {spec!r}")
@@ -183,6 +221,7 @@ class ActQuantizer(nn.Module):
         check_choice("method", method, ACT_METHODS)
         check_float("percentile", percentile, 50.0, 100.0, low_open=True)
         self.spec, self.method, self.percentile = spec, method, percentile
+        self.label = str(label)
         self.register_buffer("scale", torch.tensor(1.0))
         self.register_buffer("zero_point", torch.tensor(0, dtype=torch.int32))
         self.register_buffer("lo", torch.tensor(0.0))
@@ -199,12 +238,18 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x):
-        if self.method == "max" or x.numel() == 0:
-            lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+        if x.numel() and self.method == "max":
+            lo, hi = torch.aminmax(x.detach())
+            if not bool(torch.isfinite(lo) & torch.isfinite(hi)):  # a NaN or an infinity reaches min or max
+                check_finite(x, f"{self.label} (calibration batch {int(self.batches) + 1})")
+            lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)
             self.lo.copy_(torch.minimum(self.lo, lo))
             self.hi.copy_(torch.maximum(self.hi, hi))
+        elif x.numel() == 0:
+            pass
         else:
             flat = x.detach().float().flatten()
+            check_finite(flat, f"{self.label} (calibration batch {int(self.batches) + 1})")
             if flat.numel() > 1_000_000:  # torch.quantile's size limit; a strided sample suffices
                 flat = flat[:: flat.numel() // 1_000_000 + 1]
             q = torch.quantile(flat, torch.tensor([1 - self.percentile / 100, self.percentile / 100],
@@ -248,11 +293,24 @@ class ActQuantizer(nn.Module):
         self.lo.copy_(lo_sum / total)
         self.hi.copy_(hi_sum / total)
 
+    def grid(self) -> Grid:
+        """The grid activations are rounded onto, as a frozen :class:`~nnlab.quant.Grid`.
+
+        Raises:
+            ValueError: the quantiser is still calibrating (no grid yet).
+        """
+        if self.calibrating:
+            raise ValueError("this activation quantiser is still calibrating; run nnlab.quant.calibrate first")
+        return Grid(self.spec, self.scale.detach().cpu().numpy(), self.zero_point.detach().cpu().numpy())
+
     def forward(self, x):
         if self.calibrating:
             self._observe(x)
             return x
-        return fake_quantise(x, self.spec, self.scale, self.zero_point)
+        if self._checked != _stamp(self.scale):  # a new scale (calibration, load_state_dict): check it once
+            _check_scale(self.scale, self.label)
+            self._checked = _stamp(self.scale)
+        return _fake_quantise(x, self.spec, self.scale, self.zero_point, self.label, check_scale=False)
 
     def extra_repr(self) -> str:
         state = "calibrating" if self.calibrating else f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}"

@@ -193,6 +193,10 @@ def retrain(
     return history
 
 
+#: Version of the quantised models' structure (placement and names of quantisers) in cached files.
+STRUCTURE_VERSION = 2
+
+
 def pretrained_quantised(
     model: str = "lenet5",
     weight_bits: int = 4,
@@ -236,9 +240,12 @@ def pretrained_quantised(
         test accuracy (``top1``) and the settings.
     """
     from .. import cache, config
+    from .._preflight import check_quantised_arguments
     from ..data import load_data
 
-    check_choice("method", method, METHODS + ("ptq",))
+    check_quantised_arguments(model, weight_bits, act_bits, method=method, epochs=epochs, sparsity=sparsity,
+                              granularity=granularity, overrides=overrides, lr=lr, data=data, device=device,
+                              seed=seed, quick=quick, verbose=verbose)
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
     if data is None:
@@ -253,9 +260,10 @@ def pretrained_quantised(
                                          device=where, verbose=verbose)
 
     options = {"granularity": granularity, "overrides": overrides}
+    # "structure": how quantisers are placed and named (2: on the traced graph, a GraphModule's state dict).
     spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
             "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
-            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick}
+            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
 
     def build():
         if verbose:

@@ -195,14 +195,21 @@ class BitExplorer:
             self._quiet = False
 
     def _input_quantiser(self, layer: str) -> ActQuantizer:
-        """The activation quantiser whose output enters ``layer`` (the last one before it in data-flow order)."""
-        found = None
-        for name, module in self.quantised.named_modules():
-            if name == layer:
-                return found
-            if isinstance(module, ActQuantizer):
-                found = module
-        return found
+        """The activation quantiser whose output enters ``layer``, found by following its input back in the graph.
+
+        Raises:
+            RuntimeError: no activation quantiser feeds ``layer`` (the quantised model is not a traced graph with
+                quantised activations), so its input has no grid to draw.
+        """
+        graph = getattr(self.quantised, "graph", None)
+        if graph is not None:
+            node = next((n for n in graph.nodes if n.op == "call_module" and n.target == layer), None)
+            while node is not None and node.all_input_nodes:
+                node = node.all_input_nodes[0]
+                if node.op == "call_module" and isinstance(self.quantised.get_submodule(node.target), ActQuantizer):
+                    return self.quantised.get_submodule(node.target)
+        raise RuntimeError(f"no activation quantiser feeds layer {layer!r} of the quantised model, so the "
+                           f"activations entering it have no grid to draw")
 
     def _draw(self, layer, result, act_bits):
         from ..plots.reduction import plot_levels
