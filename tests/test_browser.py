@@ -1,12 +1,20 @@
 """The notebooks' widgets, proven in a real JupyterLab in a real browser (Chromium).
 
 For each notebook that shows a widget, the test starts JupyterLab on a
-temporary copy of the notebooks (quick mode), opens the notebook in
-Chromium, runs all cells, then moves every control (slider, dropdown,
-toggle button, checkbox) and checks that what the widget drives (its text,
-numbers or figure) changes.  It saves the executed notebook and checks that
-no cell produced an error, and it leaves screenshots in
-``build/screenshots/``.
+temporary copy of the notebooks (quick mode) with the course's JupyterLab
+settings (``binder/lab-settings``, as ``make lab`` and Binder use them),
+opens the notebook in Chromium and runs all cells.  Then, for every
+explorer, it checks that each control displays the setting the explorer
+computed with (the cells below an explorer drive it from code, and its
+sliders must follow), moves every control (slider, dropdown, toggle button,
+checkbox) and checks that what the widget drives (its text, numbers or
+figure) changes and still matches the controls.  It saves the executed
+notebook and checks that no cell produced an error and that no news pop-up
+covers the notebook; it leaves screenshots in ``build/screenshots/``.
+
+Waits are long enough for a slow kernel on a loaded machine (a run goes on as
+long as cells keep finishing), but an error in a cell, a dead kernel or a
+JavaScript error fails the test at once.
 
 Chromium comes from the system (Debian: ``apt-get install chromium``) and is
 driven by the ``playwright`` Python package; no browser is downloaded.  In CI
@@ -32,10 +40,13 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = Path(os.environ.get("NNLAB_BROWSER_NOTEBOOKS", ROOT / "notebooks"))
+LAB_SETTINGS = ROOT / "binder" / "lab-settings"
 SCREENSHOTS = ROOT / "build" / "screenshots"
 TOKEN = "nnlab-browser-test"
-RUN_TIMEOUT_S = 420
-MOVE_TIMEOUT_S = 20
+# A run fails when no cell has finished for CELL_TIMEOUT_S (a slow kernel keeps going), or after RUN_TIMEOUT_S.
+CELL_TIMEOUT_S = 600
+RUN_TIMEOUT_S = 2400
+MOVE_TIMEOUT_S = 90
 
 # What a user moves, and what a widget shows.
 CONTROLS = ".widget-slider, .widget-dropdown, .widget-toggle-buttons, .widget-checkbox"
@@ -92,7 +103,7 @@ def lab(tmp_path_factory, chromium_path):
     cmd = [sys.executable, "-m", "jupyter", "lab", f"--port={port}", "--no-browser", "--allow-root",
            f"--ServerApp.root_dir={work}", f"--IdentityProvider.token={TOKEN}",
            "--ServerApp.ip=127.0.0.1", f"--LabApp.workspaces_dir={work / '.workspaces'}",
-           f"--LabApp.user_settings_dir={work / '.settings'}"]
+           f"--LabApp.user_settings_dir={work / '.settings'}", f"--LabApp.app_settings_dir={LAB_SETTINGS}"]
     log = open(work / "jupyter.log", "w")
     proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -134,6 +145,52 @@ def browser(chromium_path):
 _CELL_STATE_JS = """() => Array.from(document.querySelectorAll('.jp-Notebook .jp-CodeCell')).map(
     c => (c.querySelector('.jp-InputPrompt') || {}).textContent || '')"""
 
+# The text of every error output (a traceback) in the notebook.
+_ERRORS_JS = """() => Array.from(document.querySelectorAll(
+    '.jp-Notebook .jp-OutputArea-output[data-mime-type="application/vnd.jupyter.error"]')).map(
+    e => e.innerText.slice(-2000))"""
+
+# For every explorer on the page: the settings it computed with (its hidden `.nnlab-shown` record, keyed by
+# control description) against what each control in the same output displays (slider readout, selected
+# option, active toggle button).  Returns [{shown, controls, mismatches}].
+_CONTROLS_MATCH_JS = """() => Array.from(document.querySelectorAll('.jp-Notebook .nnlab-shown')).map(el => {
+    const shown = JSON.parse(el.dataset.shown);
+    const area = el.closest('.jp-OutputArea-output');
+    const controls = {};
+    const text = t => t.replace(/\\s+/g, ' ').trim();  // option labels use non-breaking spaces
+    area.querySelectorAll('%s').forEach(c => {
+        const label = c.querySelector('.widget-label');
+        const name = label ? text(label.textContent) : '';
+        let value = null;
+        if (c.classList.contains('widget-slider')) {
+            const r = c.querySelector('.widget-readout');
+            value = r ? text(r.tagName === 'INPUT' ? r.value : r.textContent) : null;
+        } else if (c.classList.contains('widget-dropdown')) {
+            const s = c.querySelector('select');
+            value = s && s.selectedIndex >= 0 ? text(s.options[s.selectedIndex].textContent) : null;
+        } else if (c.classList.contains('widget-toggle-buttons')) {
+            const b = c.querySelector('button.mod-active');
+            value = b ? text(b.textContent) : null;
+        } else if (c.classList.contains('widget-checkbox')) {
+            const i = c.querySelector('input');
+            value = i ? String(i.checked) : null;
+        }
+        if (name) controls[name] = value;
+    });
+    const mismatches = [];
+    for (let [name, value] of Object.entries(shown)) {
+        name = text(name);
+        value = text(value);
+        if (!(name in controls)) mismatches.push(`${name}: shown ${value}, no control with that name`);
+        else if (controls[name] !== value) mismatches.push(`${name}: shown ${value}, control says ${controls[name]}`);
+    }
+    const reported = Object.keys(shown).map(text);
+    for (const name of Object.keys(controls)) {
+        if (!reported.includes(name)) mismatches.push(`${name}: a control whose setting the explorer does not report`);
+    }
+    return {shown, controls, mismatches};
+})""" % CONTROLS
+
 # The driven state of the widget that holds `el`: every text and image in its
 # output area except the controls themselves (whose readouts change on a move).
 _DRIVEN_STATE_JS = """(el) => {
@@ -160,21 +217,40 @@ def _menu(page, item):
     page.locator(".lm-Menu-itemLabel", has_text=item).first.click()
 
 
-def _run_all(page):
+def _fail_on_errors(page, notebook, console_errors):
+    """Fail at once on an error output, a dead kernel or a JavaScript error."""
+    errors = page.evaluate(_ERRORS_JS)
+    assert not errors, f"{notebook}: a cell raised an error:\n{errors[0]}"
+    status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
+    assert status not in ("dead", "terminating"), f"{notebook}: the kernel died ({status})"
+    assert not console_errors, f"{notebook}: JavaScript errors: {console_errors[:3]}"
+
+
+def _run_all(page, notebook, console_errors):
     """Run every cell and wait until all have run.
 
-    A kernel that is still connecting can drop part of a "Run All" request
-    (seen on a busy machine: the first cell runs, the rest stay queued for
-    nothing).  If the kernel sits idle while cells are still unrun, run on
-    from the first unrun cell, as a user would.
+    The wait tolerates a slow kernel: it goes on as long as cells keep
+    finishing (CELL_TIMEOUT_S without progress, or RUN_TIMEOUT_S in all,
+    fails), but an error output, a dead kernel or a JavaScript error fails at
+    once.  A kernel that is still connecting can drop part of a "Run All"
+    request (seen on a busy machine: the first cell runs, the rest stay
+    queued for nothing); if the kernel sits idle while cells are still unrun
+    and nothing failed, run on from the first unrun cell, as a user would.
     """
     _menu(page, "Run All Cells")
-    deadline = time.time() + RUN_TIMEOUT_S
-    idle_since = None
-    while time.time() < deadline:
-        _accept_kernel_dialog(page)
+    start = time.time()
+    idle_since, done, progress_at = None, -1, time.time()
+    while True:
+        now = time.time()
         prompts = page.evaluate(_CELL_STATE_JS)
-        if prompts and all(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts):
+        assert now - progress_at < CELL_TIMEOUT_S and now - start < RUN_TIMEOUT_S, (
+            f"{notebook}: no cell finished for {now - progress_at:.0f} s ({now - start:.0f} s in all): {prompts}")
+        _accept_kernel_dialog(page)
+        _fail_on_errors(page, notebook, console_errors)
+        finished = sum(p.strip() not in ("[ ]:", "[*]:", "") for p in prompts)
+        if finished != done:
+            done, progress_at = finished, now
+        if prompts and finished == len(prompts):
             return prompts
         running = any(p.strip() == "[*]:" for p in prompts)
         status = page.locator(".jp-Notebook-ExecutionIndicator").first.get_attribute("data-status")
@@ -190,7 +266,34 @@ def _run_all(page):
         else:
             idle_since = None
         time.sleep(1)
-    raise AssertionError(f"cells still running after {RUN_TIMEOUT_S} s: {page.evaluate(_CELL_STATE_JS)}")
+
+
+def _controls_match(page, notebook, when, timeout=MOVE_TIMEOUT_S):
+    """Every explorer's controls display the settings it computed with (waits for an update in flight)."""
+    deadline = time.time() + timeout
+    while True:
+        explorers = page.evaluate(_CONTROLS_MATCH_JS)
+        bad = [e for e in explorers if e["mismatches"]]
+        if not bad or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert not bad, (f"{notebook}: {when}, an explorer's controls do not show what it computed: "
+                     f"{[e['mismatches'] for e in bad]}")
+    return explorers
+
+
+def _no_news_popup(page, lab, notebook):
+    """The course's settings are in force, and no toast asks about (or shows) Jupyter news."""
+    req = urllib.request.urlopen(
+        f"{lab['url']}/lab/api/settings/@jupyterlab/apputils-extension:notification?token={TOKEN}", timeout=10)
+    plugin = json.loads(req.read())
+    default = plugin["schema"]["properties"]["fetchNews"].get("default")  # overrides.json sets the defaults
+    assert default == "false" and plugin.get("settings", {}).get("fetchNews", "false") == "false", (
+        f"JupyterLab does not use binder/lab-settings: fetchNews defaults to {default!r}, "
+        f"user settings {plugin.get('settings')}")
+    toasts = page.locator(".Toastify__toast").all_inner_texts()
+    news = [t for t in toasts if "news" in t.lower()]
+    assert not news, f"{notebook}: a news pop-up covers the notebook: {news}"
 
 
 def _move(control, page):
@@ -239,9 +342,13 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
         page.wait_for_selector(".jp-Notebook .jp-Cell", state="attached", timeout=120_000)
         time.sleep(2)  # let a kernel-choice dialog appear, if the workspace asks for one
         _accept_kernel_dialog(page)
-        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=60_000)
-        _run_all(page)
+        page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']", timeout=120_000)
+        _run_all(page, notebook, console_errors)
         page.screenshot(path=str(SCREENSHOTS / f"{stem}-ran.png"), full_page=False)
+        _no_news_popup(page, lab, notebook)
+        # The cells below each explorer drove it from code: its controls must show those settings.
+        explorers = _controls_match(page, notebook, "after Run All")
+        assert explorers, f"{notebook}: no explorer reports what it shows (.nnlab-shown)"
 
         controls = page.locator(f".jp-OutputArea-output :is({CONTROLS})")
         count = controls.count()
@@ -258,6 +365,7 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
             after = before
             while time.time() < deadline:
                 time.sleep(0.3)
+                _fail_on_errors(page, notebook, console_errors)
                 after = control.evaluate(_DRIVEN_STATE_JS)
                 if after != before:
                     break
@@ -265,6 +373,7 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
             assert after != before, (
                 f"{notebook}: moving control {i} ({kind}) did not change what the widget shows "
                 f"within {MOVE_TIMEOUT_S} s")
+            _controls_match(page, notebook, f"after moving control {i} ({kind})")
             moved.append(kind)
         assert moved, f"{notebook}: no visible control to move"
 

@@ -85,7 +85,8 @@ def test_readme_quick_start_is_two_commands():
 def test_notebook_has_colab_badge_and_guarded_install_cell(path):
     nb = json.loads(path.read_text())
     title = "".join(nb["cells"][0]["source"])
-    assert f"colab.research.google.com/github/nnlab/nnlab/blob/main/notebooks/{path.name}" in title
+    address = dict(re.findall(r"^(REPO|REF) = (\S+)$", (ROOT / "binder" / "repo.mk").read_text(), re.M))
+    assert f"colab.research.google.com/github/{address['REPO']}/blob/{address['REF']}/notebooks/{path.name}" in title
     first_code = next(c for c in nb["cells"] if c["cell_type"] == "code")
     src = "".join(first_code["source"])
     assert src.startswith("# Colab only:")

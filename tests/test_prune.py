@@ -250,7 +250,8 @@ def test_coring_explorer_agrees_with_core_by_fraction(small_data):
     reference = P.core_by_threshold(copy.deepcopy(net), 0.8, scope="layer")
     assert result["sparsity"] == pytest.approx(P.sparsity(reference))
     assert result["accuracy"] == pytest.approx(accuracy(reference, small_data))
-    # moving the controls updates through the widget callbacks
+    # moving the controls updates through the widget callbacks (update moved them: start from fraction, global)
+    explorer.update(mode="fraction", value=0.5, scope="global", layer="all layers")
     explorer.value.value = 0.3
     assert explorer.result["layer_sparsity"] > 0 and len(explorer.image.value) > 0
     explorer.mode.value = "threshold"

@@ -66,7 +66,7 @@ def plot_weight_histograms(panels: Mapping[str, object], *, bins: int = 121, lay
         ax.hist(v[v != 0], bins=edges, color="tab:blue", log=log)
         ax.set_title(f"{title}\n{v.size - zeros:,} non-zero, {zeros / max(v.size, 1):.0%} zero", fontsize=10)
         ax.set_xlabel("weight value")
-    axes[0].set_ylabel("count")
+    axes[0].set_ylabel("count (log scale)" if log else "count")
     fig.tight_layout()
     return fig
 

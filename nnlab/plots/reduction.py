@@ -15,7 +15,9 @@ from ..quant import QuantSpec, grid_levels, weight_quantizer
 __all__ = ["plot_accuracy_vs_bits", "plot_levels", "plot_subset_schedule"]
 
 _STYLE = {"ptq": ("post-training", "o", "tab:gray"), "ste": ("straight-through QAT", "s", "tab:orange"),
-          "random_subset": ("random-subset retraining", "^", "tab:green")}
+          "random_subset": ("random-subset retraining", "^", "tab:green"),
+          "per_tensor": ("one scale per tensor", "o", "tab:blue"),
+          "per_channel": ("one scale per output channel", "s", "tab:orange")}
 
 
 def plot_accuracy_vs_bits(table: pd.DataFrame, *, fp32_acc: float | None = None, columns=None, ax=None,
@@ -109,7 +111,8 @@ def plot_levels(source, spec: QuantSpec | None = None, scale=None, zero_point=No
     shown = shown.flatten().numpy()
     lo = min(shown.min(initial=0.0), float(levels.min()))
     hi = max(shown.max(initial=0.0), float(levels.max()))
-    ax.hist(shown, bins=np.linspace(lo, hi, bins + 1), color="tab:blue", alpha=0.8)
+    counts, edges = np.histogram(shown, bins=np.linspace(lo, hi, bins + 1))
+    ax.stairs(counts, edges, fill=True, color="tab:blue", alpha=0.8)
     step = len(levels) // 64 + 1  # at high bit-depths, draw every step-th level only
     for v in levels[::step].tolist():
         ax.axvline(v, color="tab:red", lw=0.7, alpha=0.6)

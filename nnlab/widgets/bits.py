@@ -1,10 +1,10 @@
-"""The bit-depth explorer: pick weight and activation bits (per layer too), see accuracy and the grid.
+"""The bit-depth explorer: pick weight and activation bits (per layer too), see accuracy and both grids.
 
 Each move quantises a copy of the float model after training (no
 retraining), calibrates its activations on one fixed batch of training
 images and evaluates the test images in one batch, then redraws the chosen
-layer's weight histogram with its quantisation levels: well under a second
-on one core for LeNet-5.
+layer's weights on their grid and the activations entering that layer on
+theirs: well under a second on one core for LeNet-5.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .._args import check_choice, check_int, check_positive_int
-from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, QuantSpec, quantise_model, weight_layers
+from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantizer, quantise_model, weight_layers
 from ..data import first_images
 from ..train import _loader
+from ._shown import readout, shown_html
 
 __all__ = ["BitExplorer", "bit_explorer"]
 
@@ -35,10 +36,11 @@ class BitExplorer:
 
     Widgets: ``weight_bits`` and ``act_bits`` (sliders, 2 to 16),
     ``granularity`` (per-tensor or per-channel weight scales), ``layer`` (the
-    layer whose histogram and grid are shown) and ``layer_bits`` (that
-    layer's own weight bit-depth, or "same as all").  Call :meth:`update` to
-    apply settings programmatically (that is what the widgets do); it returns
-    the accuracy, and ``last_seconds`` says how long the update took.
+    layer whose weights and input activations are drawn, each on its grid)
+    and ``layer_bits`` (that layer's own weight bit-depth, or "same as all").
+    Call :meth:`update` to apply settings from code: it moves the widgets to
+    them (so the controls always show what the figure shows) and returns the
+    accuracy; ``last_seconds`` says how long the update took.
 
     Args:
         model: a trained float network (not changed).
@@ -65,6 +67,8 @@ class BitExplorer:
         self.quantised = None
         self.last_seconds = float("nan")
         self.result: dict = {}
+        self.shown: dict = {}
+        self.activations = None
         self._quiet = False
         self._build_widgets()
         self._build_figure()
@@ -98,19 +102,19 @@ class BitExplorer:
                                     widgets.HBox([self.layer, self.layer_bits]), self.label, self.image])
 
     def _build_figure(self):
-        self.figure = Figure(figsize=(6.5, 3.0), dpi=80)
+        self.figure = Figure(figsize=(10, 3.2), dpi=80)
         FigureCanvasAgg(self.figure)
-        self.ax = self.figure.add_subplot(1, 1, 1)
+        self.ax, self.act_ax = self.figure.subplots(1, 2)
+        # Fixed margins with room for a one-line title (a layout engine would double the drawing time).
+        self.figure.subplots_adjust(left=0.07, right=0.98, bottom=0.16, top=0.9, wspace=0.22)
 
     def _on_change(self):
         if not self._quiet:
             self.update()
 
     def _on_layer(self):
-        self._quiet = True
-        self.layer_bits.value = self.overrides.get(self.layer.value, SAME)
-        self._quiet = False
-        self.update()
+        if not self._quiet:
+            self.update()
 
     def _on_layer_bits(self):
         if self._quiet:
@@ -131,14 +135,16 @@ class BitExplorer:
             weight_bits: bits of every weight layer (2..16).
             act_bits: bits of the activations (2..16).
             granularity: ``"per_channel"`` or ``"per_tensor"`` weight scales.
-            layer: the layer whose weights and grid are drawn.
+            layer: the layer whose weights and input activations are drawn.
             overrides: per-layer weight bits, ``{"conv1": 8}`` (replaces the
                 explorer's current per-layer choices).
-            draw: redraw the histogram (rendered to the widget's image).
+            draw: redraw the histograms (rendered to the widget's image).
 
         Returns:
             dict with ``accuracy`` (percent, no retraining), ``bits`` (weight
-            bits of each layer) and ``seconds``.
+            bits of each layer), ``act_bits``, ``act_distinct`` (distinct
+            activation values entering the drawn layer on the test images)
+            and ``seconds``.
         """
         start = time.perf_counter()
         weight_bits = check_int("weight_bits", self.weight_bits.value if weight_bits is None else weight_bits,
@@ -152,31 +158,82 @@ class BitExplorer:
                 check_choice("overrides layer", name, self.names)
                 check_int(f"overrides[{name!r}]", bits, MIN_BITS, MAX_BITS)
             self.overrides = dict(overrides)
+        self._set_controls(weight_bits, act_bits, granularity, layer)
         self.quantised = quantise_model(self.model, self.calibration, weight_bits, act_bits,
                                         granularity=granularity, overrides=self.overrides,
                                         calibration_batches=1, device=self.device)
-        correct = (self.quantised(self.x).argmax(1) == self.y).sum().item()
+        captured = []
+        hook = self.quantised.get_submodule(layer).register_forward_pre_hook(
+            lambda module, inputs: captured.append(inputs[0].detach()))
+        try:
+            correct = (self.quantised(self.x).argmax(1) == self.y).sum().item()
+        finally:
+            hook.remove()
+        self.activations = captured[0]
         bits = {n: self.overrides.get(n, weight_bits) for n in self.names}
-        result = {"accuracy": 100.0 * correct / len(self.y), "bits": bits}
+        result = {"accuracy": 100.0 * correct / len(self.y), "bits": bits, "act_bits": act_bits,
+                  "act_distinct": int(torch.unique(self.activations).numel())}
+        layer_bits = self.overrides.get(layer, SAME)
+        self.shown = {self.weight_bits.description: readout(self.weight_bits, weight_bits),
+                      self.act_bits.description: readout(self.act_bits, act_bits),
+                      self.granularity.description: granularity, self.layer.description: layer,
+                      self.layer_bits.description: str(layer_bits)}
         if draw:
             self._draw(layer, result, act_bits)
         result["seconds"] = self.last_seconds = time.perf_counter() - start
         self.result = result
         return result
 
+    def _set_controls(self, weight_bits, act_bits, granularity, layer):
+        """Move every widget to these settings without triggering updates."""
+        self._quiet = True
+        try:
+            self.weight_bits.value, self.act_bits.value, self.granularity.value = weight_bits, act_bits, granularity
+            self.layer.value = layer
+            self.layer_bits.value = self.overrides.get(layer, SAME)
+        finally:
+            self._quiet = False
+
+    def _input_quantiser(self, layer: str) -> ActQuantizer:
+        """The activation quantiser whose output enters ``layer``, found by following its input back in the graph.
+
+        Raises:
+            RuntimeError: no activation quantiser feeds ``layer`` (the quantised model is not a traced graph with
+                quantised activations), so its input has no grid to draw.
+        """
+        graph = getattr(self.quantised, "graph", None)
+        if graph is not None:
+            node = next((n for n in graph.nodes if n.op == "call_module" and n.target == layer), None)
+            while node is not None and node.all_input_nodes:
+                node = node.all_input_nodes[0]
+                if node.op == "call_module" and isinstance(self.quantised.get_submodule(node.target), ActQuantizer):
+                    return self.quantised.get_submodule(node.target)
+        raise RuntimeError(f"no activation quantiser feeds layer {layer!r} of the quantised model, so the "
+                           f"activations entering it have no grid to draw")
+
     def _draw(self, layer, result, act_bits):
         from ..plots.reduction import plot_levels
 
         self.ax.clear()
+        bits = result["bits"][layer]
         plot_levels(self.quantised.get_submodule(layer), ax=self.ax, bins=self.bins)
-        self.ax.set_title(f"layer {layer}: " + self.ax.get_title(), fontsize=9)
+        self.ax.set_title(f"{layer} weights, {bits} bits: " + self.ax.get_title().split(": ", 1)[-1], fontsize=9)
+        self.act_ax.clear()
+        q = self._input_quantiser(layer)
+        values = self.activations.flatten().float().cpu()
+        plot_levels(values, q.spec, q.scale, q.zero_point, ax=self.act_ax, bins=self.bins)
+        self.act_ax.set_yscale("log")
+        self.act_ax.set_title(f"activations entering {layer}, {act_bits} bits: {result['act_distinct']} "
+                              f"distinct values", fontsize=9)
+        self.act_ax.set_xlabel("activation value (red: quantisation levels)")
+        self.act_ax.set_ylabel("count (log scale)")
         png = io.BytesIO()
-        self.figure.tight_layout()
         self.figure.savefig(png, format="png")  # rendered here, so the timing includes the drawing
         self.image.value = png.getvalue()
         per_layer = ", ".join(f"{n}: {b}" for n, b in result["bits"].items())
         self.label.value = (f"<b>test accuracy</b> {result['accuracy']:.1f}% (no retraining) &nbsp; "
-                            f"<b>activation bits</b> {act_bits} &nbsp; <b>weight bits per layer</b> {per_layer}")
+                            f"<b>activation bits</b> {act_bits} &nbsp; <b>weight bits per layer</b> {per_layer}"
+                            + shown_html(self.shown))
 
     def _ipython_display_(self):
         if not self.result:

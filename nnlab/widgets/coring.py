@@ -28,6 +28,7 @@ from torch import nn
 from .._args import check_choice, check_float, check_positive_int
 from ..prune import SCOPES, effective_weight, make_permanent, prunable_layers
 from ..data import first_images
+from ._shown import shown_html
 
 __all__ = ["CoringExplorer", "coring_explorer"]
 
@@ -54,9 +55,11 @@ class CoringExplorer:
       magnitude for every layer (threshold);
     * ``scope="layer"``: each layer on its own, the fraction of its weights
       or the threshold in units of its standard deviation; only the picked
-      layer is cored (every layer when ``"all layers"`` is picked).  Call :meth:`update`
-    to apply settings programmatically (that is what the widgets do); it
-    returns the sparsity and accuracy, and ``last_seconds`` says how long it took.
+      layer is cored (every layer when ``"all layers"`` is picked).
+
+    Call :meth:`update` to apply settings from code: it moves the widgets to
+    them (so the controls always show what the figure shows) and returns the
+    sparsity and accuracy; ``last_seconds`` says how long it took.
 
     Args:
         model: a trained network (copied; the original is not changed).
@@ -90,6 +93,8 @@ class CoringExplorer:
         self.edges = np.linspace(-self.max_abs, self.max_abs, self.bins + 1)
         self.last_seconds = float("nan")
         self.result: dict = {}
+        self.shown: dict = {}
+        self._quiet = False
         self._build_widgets()
         self._build_figure()
 
@@ -98,8 +103,8 @@ class CoringExplorer:
         self.mode = widgets.ToggleButtons(options=MODES, value="fraction", description="coring")
         self.scope = widgets.ToggleButtons(options=SCOPES, value="global", description="scope")
         self.layer = widgets.Dropdown(options=[ALL, *self.names], value=ALL, description="layer")
-        self.value = widgets.FloatSlider(value=0.5, min=0.0, max=0.99, step=0.01, description="fraction",
-                                         continuous_update=False, readout_format=".2f")
+        settings, value = self._slider_settings("fraction", "global")
+        self.value = widgets.FloatSlider(value=value, continuous_update=False, **settings)
         self.label = widgets.HTML()
         # Shown at the figure's own pixel size (6.5 x 3 inches at 80 dpi), not stretched to the cell.
         self.image = widgets.Image(format="png", layout=widgets.Layout(width="520px", height="240px"))
@@ -118,33 +123,42 @@ class CoringExplorer:
         self.bars = self.ax.bar(centres, np.ones(self.bins), width=np.diff(self.edges), color="tab:blue")
         self.ax.set_xlabel("weight value (pruned zeros not shown)")
         self.ax.set_ylabel("count")
-        self.figure.tight_layout()
+        # Fixed margins with room for a one-line title (a layout engine would double the drawing time).
+        self.figure.subplots_adjust(left=0.12, right=0.97, bottom=0.16, top=0.9)
 
-    def _on_knob(self):
-        """Mode or scope changed: give the slider the range of the new knob, then update once."""
+    def _slider_settings(self, mode: str, scope: str) -> tuple[dict, float]:
+        """The slider's range, step, description and readout for a knob, and the knob's starting value."""
+        if mode == "fraction":
+            return dict(min=0.0, max=1.0, step=0.01, description="fraction", readout_format=".2f"), 0.5
+        if scope == "global":
+            return (dict(min=0.0, max=round(self.max_abs, 3), step=round(self.max_abs / 200, 4) or 1e-4,
+                         description="threshold", readout_format=".3f"), round(self.max_abs / 10, 4))
+        return dict(min=0.0, max=4.0, step=0.05, description="t / std", readout_format=".2f"), 1.0
+
+    def _set_controls(self, mode: str, value: float, scope: str, layer: str):
+        """Move every widget to these settings without triggering updates."""
         self._quiet = True
         try:
-            if self.mode.value == "fraction":
-                settings = dict(min=0.0, max=0.99, step=0.01, description="fraction", readout_format=".2f")
-                value = 0.5
-            elif self.scope.value == "global":
-                settings = dict(min=0.0, max=round(self.max_abs, 3), step=round(self.max_abs / 200, 4) or 1e-4,
-                                description="threshold", readout_format=".3f")
-                value = round(self.max_abs / 10, 4)
-            else:
-                settings = dict(min=0.0, max=4.0, step=0.05, description="t / std", readout_format=".2f")
-                value = 1.0
-            # Widen before narrowing, so the old value never falls outside the range on the way.
+            settings, _ = self._slider_settings(mode, scope)
+            settings["max"] = max(settings["max"], value)  # a threshold above the largest weight is allowed
+            self.mode.value, self.scope.value, self.layer.value = mode, scope, layer
+            # Widen before narrowing, so the value never falls outside the range on the way.
             self.value.max = max(self.value.max, settings["max"])
             self.value.value = value
             for key, v in settings.items():
                 setattr(self.value, key, v)
         finally:
             self._quiet = False
-        self.update()
+
+    def _on_knob(self):
+        """Mode or scope changed: give the slider the range and starting value of the new knob, then update once."""
+        if self._quiet:
+            return
+        _, value = self._slider_settings(self.mode.value, self.scope.value)
+        self.update(value=value)
 
     def _on_change(self):
-        if getattr(self, "_quiet", False):
+        if self._quiet:
             return
         self.update()
 
@@ -179,7 +193,7 @@ class CoringExplorer:
     @torch.no_grad()
     def update(self, *, mode: str | None = None, value: float | None = None, scope: str | None = None,
                layer: str | None = None, draw: bool = True) -> dict:
-        """Apply settings (default: the widgets' current ones), redraw, and return the figures.
+        """Apply settings (default: the widgets' current ones), move the widgets to them, redraw.
 
         Args:
             mode: ``"fraction"`` or ``"threshold"``.
@@ -201,7 +215,8 @@ class CoringExplorer:
         value = self.value.value if value is None else value
         scope = self.scope.value if scope is None else scope
         layer = self.layer.value if layer is None else layer
-        masks = self.masks(mode, value, scope, layer)
+        masks = self.masks(mode, value, scope, layer)  # checks every setting before anything moves
+        self._set_controls(mode, float(value), scope, layer)
         zeros, total = 0, 0
         for n, m in self.layers:
             w = self.original[n] * masks[n]
@@ -214,6 +229,9 @@ class CoringExplorer:
         layer_zeros = int((w_shown == 0).sum())
         result = {"sparsity": zeros / total, "layer_sparsity": layer_zeros / w_shown.numel(),
                   "accuracy": 100.0 * correct / len(self.y)}
+        settings, _ = self._slider_settings(mode, scope)
+        self.shown = {self.mode.description: mode, self.scope.description: scope, self.layer.description: layer,
+                      settings["description"]: format(float(value), settings["readout_format"])}
         if draw:
             self._draw(w_shown, layer, result)
         result["seconds"] = self.last_seconds = time.perf_counter() - start
@@ -226,13 +244,12 @@ class CoringExplorer:
         for bar, c in zip(self.bars, counts):
             bar.set_height(c)
         self.ax.set_ylim(0, max(1, counts.max()) * 1.05)
-        self.ax.set_title(f"{layer}: {result['layer_sparsity']:.1%} zero | network {result['sparsity']:.1%} zero | "
-                          f"accuracy {result['accuracy']:.1f}% (no retraining)", fontsize=9)
+        self.ax.set_title(f"{layer}: {result['layer_sparsity']:.1%} of the weights are zero", fontsize=10)
         png = io.BytesIO()
         self.figure.savefig(png, format="png")  # rendered here, so the timing includes the drawing
         self.image.value = png.getvalue()
         self.label.value = (f"<b>sparsity</b> {result['sparsity']:.1%} of all weights &nbsp; "
-                            f"<b>test accuracy</b> {result['accuracy']:.1f}% (no retraining)")
+                            f"<b>test accuracy</b> {result['accuracy']:.1f}% (no retraining)" + shown_html(self.shown))
 
     def _ipython_display_(self):
         if not self.result:

@@ -25,12 +25,16 @@ from .._args import check_positive_int
 from ..nna import SERIES2NX, NNAConfig, Program, report, requantise_weights, run, summary
 from ..plots.nna import plot_nna_costs
 from ..data import first_images
+from ._shown import readout, shown_html
 
 __all__ = ["NNAExplorer", "nna_explorer"]
 
 
 class NNAExplorer:
     """Per-layer weight bit-depth and sparsity sliders over a compiled program.
+
+    Call :meth:`update` to apply settings from code: it moves the sliders to
+    them, so the sliders always show what the bars show.
 
     Args:
         program: a compiled :class:`nnlab.nna.Program` (ideally 16-bit weights).
@@ -60,8 +64,10 @@ class NNAExplorer:
                                                 max=0.99, step=0.01, description=f"{n} zeros",
                                                 continuous_update=False, readout_format=".2f")
                          for n, layer in zip(self.names, program.weight_layers)}
+        self._quiet = False
+        self.shown: dict = {}
         for w in (*self.bits.values(), *self.sparsity.values()):
-            w.observe(lambda change: self.update(), names="value")
+            w.observe(lambda change: None if self._quiet else self.update(), names="value")
         self.label = widgets.HTML()
         self.image = widgets.Image(format="png")
         rows = [widgets.HBox([self.bits[n], self.sparsity[n]]) for n in self.names]
@@ -72,7 +78,7 @@ class NNAExplorer:
         self.result: dict = {}
 
     def update(self, bits: dict | None = None, sparsity: dict | None = None, draw: bool = True) -> dict:
-        """Apply settings (default: the sliders'), run and cost the program, redraw.
+        """Apply settings (default: the sliders'), move the sliders to them, run and cost the program, redraw.
 
         Args:
             bits: layer name -> weight bit-depth (missing layers: their slider).
@@ -82,11 +88,31 @@ class NNAExplorer:
         Returns:
             dict: ``accuracy`` (percent), ``storage_bytes``, ``compression``,
             ``energy_uj``, ``energy_ratio``, ``latency_us`` and ``seconds``.
+
+        Raises:
+            ValueError: an unknown layer, or a value outside its slider's range
+                (the accelerator's bit-depths; shares of zeros 0 to 0.99).
         """
         start = time.perf_counter()
         b = {n: s.value for n, s in self.bits.items()} | dict(bits or {})
         z = {n: s.value for n, s in self.sparsity.items()} | dict(sparsity or {})
-        program = requantise_weights(self.program, weight_bits=b, sparsity=z)
+        program = requantise_weights(self.program, weight_bits=b, sparsity=z)  # checks names and values
+        for kind, values, sliders in (("bits", b, self.bits), ("sparsity", z, self.sparsity)):
+            for name, value in values.items():
+                slider = sliders[name]
+                if not slider.min <= value <= slider.max:
+                    raise ValueError(f"{kind}[{name!r}] must be in {slider.min}..{slider.max} (the range of its "
+                                     f"slider on {self.config.name}), got {value}")
+        self._quiet = True
+        try:
+            for name, value in b.items():
+                self.bits[name].value = value
+            for name, value in z.items():
+                self.sparsity[name].value = value
+        finally:
+            self._quiet = False
+        self.shown = {**{s.description: readout(s, b[n]) for n, s in self.bits.items()},
+                      **{s.description: readout(s, z[n]) for n, s in self.sparsity.items()}}
         accuracy = 100.0 * float(np.mean(run(program, self.x).predictions == self.y))
         table = report(program, self.config)
         s = summary(table)
@@ -100,7 +126,7 @@ class NNAExplorer:
             self.label.value = (f"<b>accuracy</b> {accuracy:.1f}% (no retraining) &nbsp; <b>storage</b> "
                                 f"{s['storage_bytes']:,} B ({s['compression']:.1f}x smaller than fp32) &nbsp; "
                                 f"<b>energy</b> {s['energy_uj']:.2f} µJ ({s['energy_ratio']:.1f}x less) &nbsp; "
-                                f"<b>latency</b> {s['latency_us']:.2f} µs")
+                                f"<b>latency</b> {s['latency_us']:.2f} µs" + shown_html(self.shown))
         result["seconds"] = self.last_seconds = time.perf_counter() - start
         self.result = result
         return result
