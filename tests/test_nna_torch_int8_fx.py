@@ -1,10 +1,10 @@
-"""PyTorch's graph-mode (FX) int8 flow as the oracle: every integer of every layer, on the 1,000 test images.
+"""PyTorch's graph-mode (FX) int8 flow as the oracle: every integer of every layer, on the first 300 test images.
 
 nnlab's networks of the shapes embedded inference ships (``mobilenet-mnist``: inverted residuals, depthwise
 convolutions, ReLU6 and global average pooling; ``resnet-mnist``: BasicBlocks with projected shortcuts) and
 LeNet-5 are trained with their quick-mode recipes on the offline digits (cached), converted with
 ``prepare_fx``/``convert_fx`` (x86 qconfig), compiled with ``compile_torch_int8`` and compared layer by layer with
-PyTorch's ``int_repr()``.  Inputs beyond the calibrated range make fbgemm's AVX2 kernels saturate pair sums at
+PyTorch's ``int_repr()`` (the README gives the same comparison over all 1,000 test images).  Inputs beyond the calibrated range make fbgemm's AVX2 kernels saturate pair sums at
 int16: the simulator emulates that, and must match those integers too.
 """
 
@@ -69,8 +69,8 @@ def test_networks_learn(converted, data):
 @pytest.mark.parametrize("name", [*NETWORKS, "lenet5"])
 def test_fx_model_is_matched_exactly_in_every_layer(converted, data, name):
     _, qmodel, program = converted[name]
-    table = nna.compare_torch_int8(program, qmodel, data)
-    assert table["values"].iloc[0] == 1000 * 28 * 28  # the whole test set
+    table = nna.compare_torch_int8(program, qmodel, data, limit=300)
+    assert table["values"].iloc[0] == 300 * 28 * 28  # every input value of 300 images
     _assert_exact(table, program)
     assert table.attrs["int16_saturations"] == 0  # in range, reduce_range keeps pair sums within int16
 
@@ -110,7 +110,7 @@ def test_eager_and_fx_lenet5_agree(converted, data, engine):
 @pytest.mark.parametrize("name", NETWORKS)
 def test_saturation_beyond_the_calibrated_range_is_reproduced(converted, data, name):
     _, qmodel, program = converted[name]
-    scaled = [(2 * x, y) for x, y in first_batches(data, 250)]  # twice the calibrated range
+    scaled = [(2 * x, y) for x, y in first_batches(data, 100)]  # twice the calibrated range
     table = nna.compare_torch_int8(program, qmodel, scaled)
     _assert_exact(table, program)
     if not VNNI:
