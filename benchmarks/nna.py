@@ -39,11 +39,16 @@ images:
 * ``compression`` and ``energy_ratio``: fp32 dense against the 8/8 program on
   the Series2NX-like preset (:func:`nnlab.nna.report`);
 * ``sim_images_per_s`` / ``torch_fp32_images_per_s``: the simulator against
-  PyTorch fp32 eager inference of the float network, batch 256, one thread.
+  PyTorch fp32 eager inference of the float network, batch 256, one thread;
+* with ``--grid``, ``agreement_grid``: the top-1 agreement of simulator and
+  fake-quantised model at each of 8, 5 and 4-bit weights with 8 and 4-bit
+  activations (``"w5a4"`` ...), PTQ, over the same images.
+
+PyTorch's int8 models come from its graph-mode flow (``quantize_fx``, x86).
 
 Usage::
 
-    python benchmarks/nna.py [--quick] [--json] [--torchvision] [--models-only]
+    python benchmarks/nna.py [--quick] [--json] [--torchvision] [--models-only] [--grid]
 """
 
 from __future__ import annotations
@@ -73,7 +78,12 @@ MODELS = ("lenet5", "mobilenet-mnist", "resnet-mnist")
 TORCHVISION = ("torchvision:resnet18", "torchvision:mobilenet_v2")
 
 
-def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, repeats: int = 3) -> dict:
+#: The bit-depths of ``agreement_grid``: (weight bits, activation bits).
+GRID = ((8, 8), (8, 4), (5, 8), (5, 4), (4, 8), (4, 4))
+
+
+def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, repeats: int = 3,
+                  grid: bool = False) -> dict:
     """The ``models`` entry of one network: agreement, exactness, accuracy, costs and speed at 8/8 PTQ."""
     import torch
 
@@ -93,7 +103,7 @@ def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, r
     mismatches, note = None, None
     engine_before = torch.backends.quantized.engine
     try:
-        qint8 = nna.quantise_torch_int8(base, data)
+        qint8 = nna.quantise_torch_int8(base, data, flow="fx")
         table = nna.compare_torch_int8(nna.compile_torch_int8(qint8), qint8, data)
         mismatches = int(table.attrs["total"])
     except (TypeError, ValueError, NotImplementedError) as exc:
@@ -110,8 +120,13 @@ def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, r
         for _ in range(repeats):
             sim_times.append(_best_seconds(lambda: nna.run(program, x_np), 2))
             torch_times.append(_best_seconds(lambda: base(x), 2))
+    agreement_grid = {}
+    for wb, ab in GRID if grid else ():
+        q = nnlab.quant.quantise_model(base, data, wb, ab)
+        agreement_grid[f"w{wb}a{ab}"] = nna.agreement(nna.compile_model(q, data.input_shape), q, data)["agreement"]
     return {
         "weight_bits": weight_bits, "act_bits": act_bits, "quantisation": "ptq, weights per channel",
+        "agreement_grid": agreement_grid or None,
         "agreement_fakequant": agree["agreement"],
         "agreement_fakequant_integer": agree_int["agreement"],
         "torch_int8_mismatches": mismatches,
@@ -138,6 +153,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--torchvision", action="store_true",
                         help="also torchvision's resnet18 and mobilenet_v2 in the models section (minutes more)")
     parser.add_argument("--models-only", action="store_true", help="only the models section")
+    parser.add_argument("--grid", action="store_true",
+                        help="also the agreement at 8, 5 and 4-bit weights with 8 and 4-bit activations per model")
     args = parser.parse_args(argv)
     if args.quick:
         os.environ["NNLAB_QUICK"] = "1"
@@ -155,7 +172,7 @@ def main(argv=None) -> dict:
     names = MODELS + (TORCHVISION if args.torchvision else ())
     models = {}
     for name in names:
-        models[name] = model_figures(name, data, repeats=pick(full=5, quick=3))
+        models[name] = model_figures(name, data, repeats=pick(full=5, quick=3), grid=args.grid)
         say(f"{name}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                     for k, v in models[name].items()))
     if args.models_only:
