@@ -341,6 +341,7 @@ _BUDGET_STATE_JS = """(el) => {
         readout: readout ? (readout.tagName === 'INPUT' ? readout.value : readout.textContent).trim() : null,
         label: label ? label.innerText : '',
         layers: rows.map(r => Array.from(r.querySelectorAll('td')).map(td => td.textContent.trim())),
+        image: Array.from(area.querySelectorAll('img')).map(i => i.src.length + ':' + i.src.slice(-200)).join('|'),
     };
 }"""
 
@@ -351,11 +352,31 @@ def _number(text):
 
 
 def _budget_state(slider):
-    """(budget on the slider, budget the choice was made for, {layer: (bits, zeros)}) of a budget explorer."""
+    """(budget on the slider, budget the choice was made for, {layer: (bits, zeros)}, figure) of a budget explorer."""
     state = slider.evaluate(_BUDGET_STATE_JS)
     words = state["label"].split()
     chosen_for = _number(words[words.index("budget") + 1]) if "budget" in words else None
-    return _number(state["readout"]), chosen_for, {row[0]: tuple(row[1:]) for row in state["layers"] if row}
+    layers = {row[0]: tuple(row[1:]) for row in state["layers"] if row}
+    return _number(state["readout"]), chosen_for, layers, state["image"]
+
+
+def _budget_settled(slider, page, notebook, console_errors, when, moved_from=None):
+    """Wait until the budget explorer's choice is made for the budget its slider shows (and, with
+    ``moved_from``, a state before a move, the slider left that budget and the figure was redrawn);
+    return (budget shown, budget chosen for, layers, figure)."""
+    deadline = time.time() + MOVE_TIMEOUT_S
+    while True:
+        _fail_on_errors(page, notebook, console_errors)
+        shown, chosen_for, layers, image = _budget_state(slider)
+        # The readout rounds to 4 significant digits; the label writes 6.
+        settled = chosen_for is not None and abs(chosen_for - shown) <= 1e-3 * abs(shown) and layers
+        if settled and (moved_from is None or (shown != moved_from[0] and image != moved_from[3])):
+            return shown, chosen_for, layers, image
+        assert time.time() < deadline, (
+            f"{notebook}: {when}: after {MOVE_TIMEOUT_S} s the budget slider shows {shown:,.6g} but the choice "
+            f"was made for {chosen_for}" + ("" if moved_from is None else f" (before the move: {moved_from[0]:,.6g}; "
+                                            f"figure redrawn: {image != moved_from[3]})"))
+        time.sleep(0.5)
 
 
 def _budget_follows(slider, key, page, notebook, console_errors, before):
@@ -363,24 +384,13 @@ def _budget_follows(slider, key, page, notebook, console_errors, before):
     handle = slider.locator(".noUi-handle").first
     handle.focus()
     handle.press(key)
-    deadline = time.time() + MOVE_TIMEOUT_S
-    while True:
-        _fail_on_errors(page, notebook, console_errors)
-        shown, chosen_for, layers = _budget_state(slider)
-        # The readout rounds to 4 significant digits; the label writes 6.
-        settled = chosen_for is not None and abs(chosen_for - shown) <= 1e-3 * abs(shown) and layers
-        if settled and shown != before[0]:
-            return shown, chosen_for, layers
-        assert time.time() < deadline, (
-            f"{notebook}: {key} on the budget slider: after {MOVE_TIMEOUT_S} s the slider shows {shown:,.6g} but "
-            f"the choice was made for {chosen_for} (before the move: {before[0]:,.6g})")
-        time.sleep(0.5)
+    return _budget_settled(slider, page, notebook, console_errors, f"{key} on the budget slider", before)
 
 
 def _check_budget_explorer(page, notebook, console_errors):
     """Move the budget explorer's slider to both ends: the chosen bits per layer must change and follow it.
 
-    Returns the states seen (budget on the slider, budget chosen for, layers), or [] without a budget explorer.
+    Returns the states seen (budget on the slider, budget chosen for, layers, figure), or [] without one.
     """
     sliders = page.locator(".jp-OutputArea-output .widget-slider").filter(
         has=page.locator(".widget-label", has_text="budget"))
@@ -388,14 +398,18 @@ def _check_budget_explorer(page, notebook, console_errors):
         return []
     slider = sliders.first
     slider.scroll_into_view_if_needed()
-    start = _budget_state(slider)
-    assert start[2], f"{notebook}: the budget explorer shows no chosen bits per layer: {start}"
-    assert start[1] is not None and abs(start[1] - start[0]) <= 1e-3 * abs(start[0]), (
-        f"{notebook}: after Run All the budget slider shows {start[0]:,.6g} but the choice was made for {start[1]}")
+    start = _budget_settled(slider, page, notebook, console_errors, "after the moves above")
+    deadline = time.time() + MOVE_TIMEOUT_S
+    while time.time() < deadline:  # the figure arrives just after the label: wait until it stops changing
+        time.sleep(1)
+        again = _budget_state(slider)
+        if again == start:
+            break
+        start = again
     low = _budget_follows(slider, "Home", page, notebook, console_errors, start)
     high = _budget_follows(slider, "End", page, notebook, console_errors, low)
     page.screenshot(path=str(SCREENSHOTS / f"{Path(notebook).stem}-budget-end.png"))
-    assert low[0] < high[0], f"{notebook}: Home and End did not move the budget slider down and up: {low}, {high}"
+    assert low[0] < high[0], f"{notebook}: Home and End did not move the budget slider down and up: {low[0]}, {high[0]}"
     bits_low = {layer: v[0] for layer, v in low[2].items()}
     bits_high = {layer: v[0] for layer, v in high[2].items()}
     assert bits_low != bits_high, (
