@@ -8,7 +8,9 @@ explorer, it checks that each control displays the setting the explorer
 computed with (the cells below an explorer drive it from code, and its
 sliders must follow), moves every control (slider, dropdown, toggle button,
 checkbox) and checks that what the widget drives (its text, numbers or
-figure) changes and still matches the controls.  It saves the executed
+figure) changes and still matches the controls.  The budget explorer's
+slider is also moved to both ends: the bits it chooses per layer must change,
+and the budget its choice was made for must be the one the slider shows.  It saves the executed
 notebook and checks that no cell produced an error and that no news pop-up
 covers the notebook; it leaves screenshots in ``build/screenshots/``.
 
@@ -328,6 +330,97 @@ def _move(control, page):
     raise AssertionError(f"unknown control {kind}")
 
 
+# The budget explorer (nnlab.widgets.budget_explorer): its slider's readout, the budget its label says it chose
+# for, and the chosen bits and zeros per layer (the label's table), read from the output that holds `el`.
+_BUDGET_STATE_JS = """(el) => {
+    const area = el.closest('.jp-OutputArea-output');
+    const label = area.querySelector('.widget-html-content');
+    const readout = el.querySelector('.widget-readout');
+    const rows = label ? Array.from(label.querySelectorAll('tr')).slice(1) : [];
+    return {
+        readout: readout ? (readout.tagName === 'INPUT' ? readout.value : readout.textContent).trim() : null,
+        label: label ? label.innerText : '',
+        layers: rows.map(r => Array.from(r.querySelectorAll('td')).map(td => td.textContent.trim())),
+        image: Array.from(area.querySelectorAll('img')).map(i => i.src.length + ':' + i.src.slice(-200)).join('|'),
+    };
+}"""
+
+
+def _number(text):
+    """A number as a slider readout or a label writes it ("3.454e+4", "34,544.5")."""
+    return float(text.replace(",", "").replace("\u2212", "-"))
+
+
+def _budget_state(slider):
+    """(budget on the slider, budget the choice was made for, {layer: (bits, zeros)}, figure) of a budget explorer."""
+    state = slider.evaluate(_BUDGET_STATE_JS)
+    words = state["label"].split()
+    chosen_for = _number(words[words.index("budget") + 1]) if "budget" in words else None
+    layers = {row[0]: tuple(row[1:]) for row in state["layers"] if row}
+    return _number(state["readout"]), chosen_for, layers, state["image"]
+
+
+def _budget_settled(slider, page, notebook, console_errors, when, moved_from=None):
+    """Wait until the budget explorer's choice is made for the budget its slider shows (and, with
+    ``moved_from``, a state before a move, the slider left that budget and the figure was redrawn);
+    return (budget shown, budget chosen for, layers, figure)."""
+    deadline = time.time() + MOVE_TIMEOUT_S
+    while True:
+        _fail_on_errors(page, notebook, console_errors)
+        shown, chosen_for, layers, image = _budget_state(slider)
+        # The readout rounds to 4 significant digits; the label writes 6.
+        settled = chosen_for is not None and abs(chosen_for - shown) <= 1e-3 * abs(shown) and layers
+        if settled and (moved_from is None or (shown != moved_from[0] and image != moved_from[3])):
+            return shown, chosen_for, layers, image
+        assert time.time() < deadline, (
+            f"{notebook}: {when}: after {MOVE_TIMEOUT_S} s the budget slider shows {shown:,.6g} but the choice "
+            f"was made for {chosen_for}" + ("" if moved_from is None else f" (before the move: {moved_from[0]:,.6g}; "
+                                            f"figure redrawn: {image != moved_from[3]})"))
+        time.sleep(0.5)
+
+
+def _budget_follows(slider, key, page, notebook, console_errors, before):
+    """Press ``key`` on the budget slider; wait until the choice is made for the budget it shows; return it."""
+    handle = slider.locator(".noUi-handle").first
+    handle.focus()
+    handle.press(key)
+    return _budget_settled(slider, page, notebook, console_errors, f"{key} on the budget slider", before)
+
+
+def _check_budget_explorer(page, notebook, console_errors):
+    """Move the budget explorer's slider to both ends: the chosen bits per layer must change and follow it.
+
+    Returns the states seen (budget on the slider, budget chosen for, layers, figure), or [] without one.
+    """
+    sliders = page.locator(".jp-OutputArea-output .widget-slider").filter(
+        has=page.locator(".widget-label", has_text="budget"))
+    if not sliders.count():
+        return []
+    slider = sliders.first
+    slider.scroll_into_view_if_needed()
+    start = _budget_settled(slider, page, notebook, console_errors, "after the moves above")
+    deadline = time.time() + MOVE_TIMEOUT_S
+    while time.time() < deadline:  # the figure arrives just after the label: wait until it stops changing
+        time.sleep(1)
+        again = _budget_state(slider)
+        if again == start:
+            break
+        start = again
+    low = _budget_follows(slider, "Home", page, notebook, console_errors, start)
+    high = _budget_follows(slider, "End", page, notebook, console_errors, low)
+    page.screenshot(path=str(SCREENSHOTS / f"{Path(notebook).stem}-budget-end.png"))
+    assert low[0] < high[0], f"{notebook}: Home and End did not move the budget slider down and up: {low[0]}, {high[0]}"
+    bits_low = {layer: v[0] for layer, v in low[2].items()}
+    bits_high = {layer: v[0] for layer, v in high[2].items()}
+    assert bits_low != bits_high, (
+        f"{notebook}: the budget moved from {low[0]:,.6g} to {high[0]:,.6g} but the chosen bits per layer "
+        f"did not change: {bits_low}")
+    assert sum(map(int, bits_low.values())) < sum(map(int, bits_high.values())), (
+        f"{notebook}: the larger budget chose fewer bits in all: {bits_low} at {low[0]:,.6g}, {bits_high} at "
+        f"{high[0]:,.6g}")
+    return [start, low, high]
+
+
 @pytest.mark.parametrize("notebook", widget_notebooks())
 def test_widgets_update_in_a_real_browser(lab, browser, notebook):
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -376,6 +469,12 @@ def test_widgets_update_in_a_real_browser(lab, browser, notebook):
             _controls_match(page, notebook, f"after moving control {i} ({kind})")
             moved.append(kind)
         assert moved, f"{notebook}: no visible control to move"
+
+        # The budget explorer: its slider moved to both ends changes the chosen bits, and the choice follows it.
+        budget_states = _check_budget_explorer(page, notebook, console_errors)
+        src = json.loads((NOTEBOOK_DIR / notebook).read_text())
+        if any("budget_explorer(" in "".join(c["source"]) for c in src["cells"] if c["cell_type"] == "code"):
+            assert budget_states, f"{notebook}: calls budget_explorer but no budget slider rendered"
 
         # Save, then read the executed notebook from disk: no cell may hold an error.
         page.keyboard.press("Control+s")
