@@ -141,3 +141,17 @@ def test_budget_explorer_moves_the_choice_with_the_slider(model, data, table):
         BudgetExplorer(model, data, budget="budget_watts", sensitivity=table)
     with pytest.raises(ValueError, match="value must be a budget_bytes between"):
         BudgetExplorer(model, data, sensitivity=table, value=1.0)
+
+
+def test_a_network_pruned_with_torch_prune_keeps_its_zeros(data):
+    from nnlab import prune
+
+    torch.manual_seed(1)
+    net = build_model("lenet5").eval()
+    prune.core_by_fraction(net, 0.5, scope="layer")
+    table = quant.measure_sensitivity(net, data, bits=(8,), sparsities=(0.0,), images=16)
+    choice = quant.pick_per_layer(net, data, sensitivity=table, max_test=32, budget_bytes=10**9)
+    dense = quant.measure_sensitivity(build_model("lenet5").eval(), data, bits=(8,), sparsities=(0.0,), images=16)
+    # The zeros the pruning made are not stored: the pruned network costs fewer bytes than a dense one.
+    assert choice.measured["storage_bytes"] < quant.pick_per_layer(
+        build_model("lenet5").eval(), data, sensitivity=dense, max_test=32, budget_bytes=10**9).measured["storage_bytes"]

@@ -38,7 +38,6 @@ Only the weights change; every activation keeps ``act_bits`` bits.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
@@ -51,6 +50,7 @@ import torch
 from torch import nn
 
 from .._args import check_float, check_int, check_positive_int
+from .model import _deepcopy
 from .spec import MAX_BITS, MIN_BITS
 
 __all__ = ["BUDGETS", "PerLayerChoice", "SensitivityTable", "measure_sensitivity", "solve_budget", "pick_per_layer",
@@ -254,7 +254,7 @@ def measure_sensitivity(model: nn.Module, data, *, bits=None, sparsities=None, a
     check_positive_int("calibration_batches", calibration_batches)
     check_int("seed", seed, minimum=0)
 
-    net = copy.deepcopy(model).cpu().eval()
+    net = _deepcopy(model).cpu().eval()  # pruned layers keep their zeros
     qmodel = quantise_model(net, data, 16, act_bits, calibration_batches=calibration_batches, device="cpu")
     program = compile_model(qmodel, data.input_shape)
     x, _ = _images(data, images, "train", seed)
@@ -605,7 +605,7 @@ def _retrain(model, data, bits, share, *, act_bits, hardware, epochs, method, se
     from .model import quantise_model
     from .retraining import retrain
 
-    net = copy.deepcopy(model).cpu().train()
+    net = _deepcopy(model).cpu().train()
     for layer, s in share.items():
         if s > 0:
             prune.core_by_fraction(net, s, scope="layer", layers=[layer])
