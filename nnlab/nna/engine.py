@@ -17,14 +17,16 @@ A weight layer (:func:`conv2d` or :func:`linear`) does three things:
 
 1. **accumulate** exactly: ``acc = sum((q_in - in_zero_point) * weight)``.
    im2col turns a convolution into one matrix product per group (stride,
-   zero padding, dilation and groups, depthwise included), computed by BLAS
-   in floating point on integer-valued arrays: exact as long as every
-   partial sum stays below 2**24 (float32) or 2**53 (float64);
-   :func:`exact_dtype` picks the cheaper one that is exact for the layer's
-   worst case.  A batch norm was folded into the weight scales and the bias
-   by the compiler.
-2. **add the bias** (int32, with ``bias_frac_bits`` fractional bits) and
-   check the accumulator width (``NNAConfig.accumulator_bits``): sums
+   zero padding, dilation and groups), computed by BLAS in floating point
+   on integer-valued arrays: exact as long as every partial sum stays below
+   2**24 (float32) or 2**53 (float64); :func:`exact_dtype` picks the cheaper
+   one that is exact for the layer's worst case.  A 1x1 convolution of
+   stride 1 needs no im2col copy, and a depthwise one of stride 1
+   accumulates one multiply per kernel offset instead (:func:`depthwise_conv2d`).  A batch
+   norm was folded into the weight scales and the bias by the compiler.
+2. **add the bias** (int32, with ``bias_frac_bits`` fractional bits), still
+   in the narrowest exact type (float32, float64, or int64 when neither
+   holds every sum), and check the accumulator width (``NNAConfig.accumulator_bits``): sums
    outside it are counted and saturated, as hardware would.  Every run
    reports, per weight layer, how many sums saturated
    (``Result.saturations``) and how many bits the widest sum needed
@@ -52,6 +54,10 @@ A weight layer (:func:`conv2d` or :func:`linear`) does three things:
    the grid it is a clamp of the integers to
    :meth:`~nnlab.quant.Grid.clamp_range` (a ReLU clamps at the zero point).
 
+:func:`run` takes the images in chunks (:func:`chunk_size`) small enough
+for every layer's arrays to stay in the processor's cache, so that
+throughput holds up at large batches; the counts are summed over chunks.
+
 The other operations (:func:`maxpool2d`, :func:`avgpool2d`, :func:`flatten`,
 :func:`add`, :func:`concat`) state in their docstrings exactly what they
 compute in each mode, and which PyTorch quantized kernel the ``"torch"``
@@ -71,7 +77,7 @@ from .config import SERIES2NX, NNAConfig
 from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
 
 __all__ = ["MODES", "Result", "AccumulatorOverflowWarning", "overflow_message", "sum_width", "accumulator_width",
-           "MAX_ACCUMULATOR_BITS", "run", "predict", "quantise_input", "im2col", "conv2d", "linear", "accumulate_bias",
+           "MAX_ACCUMULATOR_BITS", "CHUNK_BYTES", "chunk_size", "run", "predict", "quantise_input", "im2col", "conv2d", "depthwise_conv2d", "linear", "accumulate_bias",
            "int16_pair_saturation", "requantise", "requantise_torch", "requantise_integer", "fixed_point_multiplier",
            "maxpool2d",
            "avgpool2d", "flatten", "add", "concat", "exact_dtype", "output_logits", "channel_first"]
@@ -173,9 +179,24 @@ def sum_width(low: int, high: int, frac_bits: int = 0) -> int:
     return width
 
 
-def _clamp(q: np.ndarray, layer) -> np.ndarray:
+def _constant(memo: dict | None, layer, key: str, compute):
+    """``compute()``, kept in ``memo`` under ``(layer, key)`` when a memo is given.
+
+    :func:`run` passes one memo for all the chunks of a batch, so that a
+    layer's constants (its weights as a float matrix, the exact types, the
+    clamp range) are computed once per run, not once per chunk.
+    """
+    if memo is None:
+        return compute()
+    k = (id(layer), key)  # the layers live as long as the run: their ids are unique in it
+    if k not in memo:
+        memo[k] = compute()
+    return memo[k]
+
+
+def _clamp(q: np.ndarray, layer, memo: dict | None = None) -> np.ndarray:
     """Clamp integers to the layer's output range, its fused activation included, as int32."""
-    lo, hi = layer.out_grid.clamp_range(getattr(layer, "activation", None))
+    lo, hi = _constant(memo, layer, "range", lambda: layer.out_grid.clamp_range(getattr(layer, "activation", None)))
     return np.clip(q, lo, hi).astype(np.int32)
 
 
@@ -205,7 +226,7 @@ def exact_dtype(layer: WeightLayer) -> type:
     The worst case is ``fan_in * (2**in_bits - 1) * max|weight|``; below
     those bounds every integer, and so every sum, is exact in that format.
     """
-    worst = layer.fan_in * ((1 << layer.in_grid.bits) - 1) * int(np.abs(layer.weight).max(initial=0))
+    worst = _worst_sum(layer)
     if worst < 2 ** 24:
         return np.float32
     if worst < 2 ** 53:
@@ -213,53 +234,138 @@ def exact_dtype(layer: WeightLayer) -> type:
     raise ValueError(f"layer {layer.name!r}: sums may reach {worst}, beyond what float64 holds exactly (2**53)")
 
 
+def _worst_sum(layer: WeightLayer) -> int:
+    """The largest ``|sum|`` the layer can compute: ``fan_in * (2**in_bits - 1) * max|weight|``."""
+    return layer.fan_in * ((1 << layer.in_grid.bits) - 1) * int(np.abs(layer.weight).max(initial=0))
+
+
+def _total_dtype(layer: WeightLayer) -> type:
+    """The narrowest type holding ``sum * 2**bias_frac_bits + bias`` exactly: float32, float64 or int64."""
+    worst = (_worst_sum(layer) << layer.bias_frac_bits) + int(np.abs(layer.bias.astype(np.int64)).max(initial=0))
+    return np.float32 if worst < 2 ** 24 else np.float64 if worst < 2 ** 53 else np.int64
+
+
 def im2col(x: np.ndarray, kh: int, kw: int, stride, dilation=(1, 1)) -> np.ndarray:
     """``(C, N, H, W)`` to the matrix ``(C*kh*kw, N*Ho*Wo)``: one column per output pixel, its receptive field.
 
     One slice copy per kernel offset ``(i, j)`` (``kh * kw`` of them, never
     one per pixel or channel); tap ``(i, j)`` reads row ``i * dilation[0]``
-    and column ``j * dilation[1]`` of the window.
+    and column ``j * dilation[1]`` of the window.  A 1x1 kernel of stride 1
+    needs no copy: the input is its own matrix.
     """
     c, n, h, w = x.shape
-    (sh, sw), (dh, dw) = stride, dilation
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    cols = np.empty((c, kh, kw, n, ho, wo), x.dtype)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, i, j] = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-    return cols.reshape(c * kh * kw, n * ho * wo)
+    if kh == kw == 1 and tuple(stride) == (1, 1):
+        return x.reshape(c, n * h * w)
+    cols = np.empty((c, kh, kw, n) + _out_size(x.shape, (kh, kw), stride, dilation), x.dtype)
+    for i, j in np.ndindex(kh, kw):
+        cols[:, i, j] = _tap(x, i, j, cols.shape[4:], stride, dilation)
+    return cols.reshape(c * kh * kw, -1)
 
 
-def conv2d(q: np.ndarray, layer: WeightLayer) -> np.ndarray:
-    """Exact integer convolution sums (no bias): ``(C, N, H, W)`` ints to ``(out, N, Ho, Wo)`` int64.
+def _out_size(shape, kernel, stride, dilation) -> tuple:
+    """``(Ho, Wo)`` of a window sliding over an already padded ``(C, N, H, W)`` tensor."""
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    return (shape[2] - dh * (kh - 1) - 1) // sh + 1, (shape[3] - dw * (kw - 1) - 1) // sw + 1
+
+
+def _tap(x: np.ndarray, i: int, j: int, size, stride, dilation) -> np.ndarray:
+    """The view of ``x`` that kernel offset ``(i, j)`` reads for each of the ``(Ho, Wo)`` output pixels."""
+    (ho, wo), (sh, sw), (dh, dw) = size, stride, dilation
+    return x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+
+
+def _shifted(q: np.ndarray, layer: WeightLayer, dtype) -> np.ndarray:
+    """``q - in_zero_point`` in ``dtype``, zero-padded (real zero, as PyTorch pads a quantized tensor)."""
+    (ph, pw), (c, n, h, w) = layer.padding, q.shape
+    zp = int(layer.in_grid.zero_point)
+    if not (ph or pw):
+        return np.subtract(q, zp, dtype=dtype) if zp else q.astype(dtype)
+    x = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype)
+    np.subtract(q, zp, out=x[:, :, ph: ph + h, pw: pw + w], casting="unsafe")
+    return x
+
+
+def _is_depthwise(layer: WeightLayer) -> bool:
+    """A depthwise convolution of stride 1 (one input channel per output channel): :func:`depthwise_conv2d`."""
+    out, cg = layer.weight.shape[:2]
+    return layer.groups > 1 and cg == 1 and out == layer.groups and tuple(layer.stride) == (1, 1)
+
+
+def _uses_im2col(layer: WeightLayer) -> bool:
+    """Whether :func:`conv2d` copies the layer's input to an im2col matrix (not depthwise, nor 1x1 stride 1)."""
+    kh, kw = layer.weight.shape[2:]
+    return not _is_depthwise(layer) and not (kh == kw == 1 and tuple(layer.stride) == (1, 1))
+
+
+def conv2d(q: np.ndarray, layer: WeightLayer, memo: dict | None = None) -> np.ndarray:
+    """Exact integer convolution sums (no bias): ``(C, N, H, W)`` ints to ``(out, N, Ho, Wo)`` integer values.
 
     ``acc[g] = W[g] @ im2col(q - in_zero_point)[g]`` for each of the
     ``groups`` groups of channels, ``W[g]`` the ``(out / groups, C / groups * kh * kw)``
     weight matrix of group ``g``; output channels are group-major, as in
     PyTorch.  The input is shifted by its zero point first, so zero padding
-    pads with real zero, as PyTorch pads a quantized tensor.
+    pads with real zero, as PyTorch pads a quantized tensor.  A depthwise
+    convolution of stride 1 (one input channel per output channel) skips
+    im2col and accumulates one multiply per kernel offset
+    (:func:`depthwise_conv2d`).
+
+    The sums are integers held in :func:`exact_dtype` (float32 or float64,
+    exact for the layer's worst case): BLAS multiplies them at full speed.
+    ``memo``: see :func:`_constant`.
     """
-    dtype = exact_dtype(layer)
-    (ph, pw), (c, n, h, w) = layer.padding, q.shape
-    x = np.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype)  # padding: real zero
-    np.subtract(q, int(layer.in_grid.zero_point), out=x[:, :, ph: ph + h, pw: pw + w], casting="unsafe")
-    kh, kw = layer.weight.shape[2:]
+    dtype = _constant(memo, layer, "dtype", lambda: exact_dtype(layer))
+    x = _shifted(q, layer, dtype)
+    out, cg, kh, kw = layer.weight.shape
+    g, n = layer.groups, q.shape[1]
+    ho, wo = _out_size(x.shape, (kh, kw), layer.stride, layer.dilation)
+    if _is_depthwise(layer):
+        return depthwise_conv2d(x, _constant(memo, layer, "weight", lambda: layer.weight.astype(dtype)),
+                                layer.stride, layer.dilation)
     cols = im2col(x, kh, kw, layer.stride, layer.dilation)
-    g, out = layer.groups, layer.out_channels
+    weight = _constant(memo, layer, "weight", lambda: layer.weight.reshape(g, out // g, -1).astype(dtype))
     if g == 1:
-        acc = layer.weight.reshape(out, -1).astype(dtype) @ cols
+        acc = weight[0] @ cols
     else:  # one product per group: (groups, out / groups, C / groups * kh * kw) @ (groups, ..., N*Ho*Wo)
-        acc = np.matmul(layer.weight.reshape(g, out // g, -1).astype(dtype), cols.reshape(g, -1, cols.shape[1]))
-    (dh, dw), (sh, sw) = layer.dilation, layer.stride
-    ho, wo = (x.shape[2] - dh * (kh - 1) - 1) // sh + 1, (x.shape[3] - dw * (kw - 1) - 1) // sw + 1
-    return acc.astype(np.int64).reshape(out, n, ho, wo)
+        acc = np.matmul(weight, cols.reshape(g, -1, cols.shape[1]))
+    return acc.reshape(out, n, ho, wo)
 
 
-def linear(q: np.ndarray, layer: WeightLayer) -> np.ndarray:
-    """Exact integer sums (no bias): ``(in, N)`` ints to ``(out, N)`` int64, ``acc = W @ (q - in_zero_point)``."""
-    dtype = exact_dtype(layer)
-    x = q.astype(dtype) - dtype(layer.in_grid.zero_point)
-    return (layer.weight.astype(dtype) @ x).astype(np.int64)
+def depthwise_conv2d(x: np.ndarray, weight: np.ndarray, stride, dilation) -> np.ndarray:
+    """Depthwise sums of a padded, zero-point-shifted ``(C, N, H, W)`` tensor: one multiply-add per kernel offset.
+
+    ``acc[c] = sum over (i, j) of weight[c, 0, i, j] * x[c, :, r + i*dh, s + j*dw]``.
+    With each channel's images flattened to one row, tap ``(i, j)`` is the
+    row shifted by ``i*dh*W + j*dw``: a contiguous slice, so every
+    multiply-add runs over long rows.  The sums are computed at every pixel
+    of the padded grid (those whose window leaves the image are dropped),
+    then the outputs are read at the stride.  Every partial sum is an
+    integer within the layer's worst case, so exact in ``x``'s float type.
+
+    Returns:
+        ``(C, N, Ho, Wo)`` (a strided view).
+    """
+    c, n, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    (dh, dw), (sh, sw) = dilation, stride
+    rows = x.reshape(c, n * h * w)
+    length = rows.shape[1] - (kh - 1) * dh * w - (kw - 1) * dw  # past it, every window leaves its image
+    acc = np.zeros_like(rows)
+    term = np.empty((c, length), x.dtype)
+    for i, j in np.ndindex(kh, kw):
+        shift = i * dh * w + j * dw
+        acc[:, :length] += np.multiply(rows[:, shift: shift + length], weight[:, :, i, j], out=term)
+    ho, wo = _out_size(x.shape, (kh, kw), stride, dilation)
+    return acc.reshape(c, n, h, w)[:, :, : sh * (ho - 1) + 1: sh, : sw * (wo - 1) + 1: sw]
+
+
+def linear(q: np.ndarray, layer: WeightLayer, memo: dict | None = None) -> np.ndarray:
+    """Exact integer sums (no bias): ``(in, N)`` ints to ``(out, N)``, ``acc = W @ (q - in_zero_point)``.
+
+    The sums are integers held in :func:`exact_dtype`, as for :func:`conv2d`.
+    """
+    dtype = _constant(memo, layer, "dtype", lambda: exact_dtype(layer))
+    weight = _constant(memo, layer, "weight", lambda: layer.weight.astype(dtype))
+    return weight @ np.subtract(q, int(layer.in_grid.zero_point), dtype=dtype)
 
 
 #: The int16 range that AVX2's ``vpmaddubsw`` saturates a pair sum to.
@@ -361,33 +467,40 @@ def _per_channel(values: np.ndarray, like: np.ndarray) -> np.ndarray:
     return values.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
-def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int, stats: dict | None = None):
+def accumulate_bias(acc: np.ndarray, layer: WeightLayer, accumulator_bits: int, stats: dict | None = None,
+                    memo: dict | None = None):
     """Add the int32 bias and saturate to the accumulator width.
 
     The bias has ``F = layer.bias_frac_bits`` fractional bits, so the sum is
-    kept with them: ``total = acc * 2**F + bias`` (``acc + bias`` for ``F = 0``).
+    kept with them: ``total = acc * 2**F + bias`` (``acc + bias`` for ``F = 0``),
+    in the narrowest type that holds every such sum of the layer exactly
+    (float32 below 2**24, float64 below 2**53, else int64).  When a sum
+    saturates, the sums are clipped in int64.
 
     Args:
-        acc: exact int64 sums, channel on the first axis.
+        acc: exact sums (integer values, any numeric dtype), channel on the first axis.
         layer: the weight layer.
         accumulator_bits: accumulator width (of the integer part).
         stats: if given, receives ``"sum_bits"``: the bits of the widest sum
             before saturation (:func:`sum_width`).
+        memo: see :func:`_constant`.
 
     Returns:
-        ``(total, saturated)``: int64 sums whose integer part is clipped to
-        ``[-2**(b-1), 2**(b-1) - 1]``, and how many were clipped (``acc``
-        is clipped too, in place).
+        ``(total, saturated)``: the sums (integer values) whose integer part
+        is clipped to ``[-2**(b-1), 2**(b-1) - 1]``, and how many were
+        clipped (``acc`` is clipped too, in place).
     """
     f = layer.bias_frac_bits
     lo, hi = -(1 << (accumulator_bits - 1)), (1 << (accumulator_bits - 1)) - 1
-    total = np.left_shift(acc, f) if f else acc.copy()
-    total += _per_channel(layer.bias.astype(np.int64), acc)
+    dtype = _constant(memo, layer, "total_dtype", lambda: _total_dtype(layer)) if acc.dtype.kind == "f" else np.int64
+    total = np.multiply(acc, dtype(1 << f), dtype=dtype) if f else acc.astype(dtype)
+    total += _per_channel(_constant(memo, layer, f"bias {np.dtype(dtype)}", lambda: layer.bias.astype(dtype)), acc)
     low, high = (int(total.min()), int(total.max())) if total.size else (0, 0)
     if stats is not None:
         stats["sum_bits"] = sum_width(low, high, f)
     if lo << f <= low and high <= hi << f:  # the usual case, checked cheaply
         return total, 0
+    total = total.astype(np.int64)
     saturated = int(np.count_nonzero((total < lo << f) | (total > hi << f)))
     np.clip(acc, lo, hi, out=acc)
     return np.clip(total, lo << f, hi << f), saturated
@@ -420,7 +533,7 @@ def requantise_integer(total: np.ndarray, multiplier: np.ndarray, accumulator_bi
     """Integer requantisation ``(total * m0 + 2**(shift-1)) >> shift`` (round half up).
 
     Args:
-        total: int64 sums (channel first), within ``accumulator_bits``.
+        total: integer sums (channel first, any numeric dtype), within ``accumulator_bits``.
         multiplier: float64 ``(channels,)`` (or one) real multipliers.
         accumulator_bits: so that ``total * m0`` fits in int64.
 
@@ -432,7 +545,7 @@ def requantise_integer(total: np.ndarray, multiplier: np.ndarray, accumulator_bi
         m0, shift = _per_channel(m0, total), _per_channel(shift, total)
     else:
         m0, shift = m0[0], shift[0]
-    return (total * m0 + (np.int64(1) << (shift - 1))) >> shift
+    return (total.astype(np.int64) * m0 + (np.int64(1) << (shift - 1))) >> shift
 
 
 def requantise_torch(total: np.ndarray, acc: np.ndarray, layer: WeightLayer) -> np.ndarray:
@@ -447,8 +560,9 @@ def requantise_torch(total: np.ndarray, acc: np.ndarray, layer: WeightLayer) -> 
       ReLU (when the layer's activation starts at 0), then ``rint(v * f32(1 / out_scale))``.
 
     Args:
-        total: int64 sums with the int32 bias added (:func:`accumulate_bias`).
-        acc: int64 sums without bias (used when ``layer.bias_float`` is set).
+        total: integer sums with the int32 bias added (:func:`accumulate_bias`), any numeric dtype
+            (an integer is rounded to float32 once, whatever type holds it exactly).
+        acc: integer sums without bias (used when ``layer.bias_float`` is set).
         layer: the weight layer (with an output grid).
 
     Returns:
@@ -480,7 +594,8 @@ def requantise_torch(total: np.ndarray, acc: np.ndarray, layer: WeightLayer) -> 
     return np.rint(v, out=v)
 
 
-def requantise(total: np.ndarray, acc: np.ndarray, layer: WeightLayer, mode: str, accumulator_bits: int):
+def requantise(total: np.ndarray, acc: np.ndarray, layer: WeightLayer, mode: str, accumulator_bits: int,
+               memo: dict | None = None):
     """Map a weight layer's sums onto its output grid: requantise, add the zero point, clamp (fused activation).
 
     In ``"integer"`` mode with a fractional bias (``F = bias_frac_bits > 0``)
@@ -489,16 +604,18 @@ def requantise(total: np.ndarray, acc: np.ndarray, layer: WeightLayer, mode: str
     neither product leaves int64.
 
     Args:
-        total: int64 sums with bias (channel first); acc: the same without bias.
+        total: integer sums with bias (channel first, :func:`accumulate_bias`); acc: the same without bias.
         layer: the weight layer; ``out_grid`` None returns ``total`` (the logits' integers,
             with ``bias_frac_bits`` fractional bits), clamped at 0 by a fused ReLU.
         mode: ``"torch"`` or ``"integer"``.
         accumulator_bits: accumulator width.
+        memo: see :func:`_constant`.
 
     Returns:
         int32 array on the output grid (int64 sums for the last layer).
     """
     if layer.out_grid is None:
+        total = total.astype(np.int64)
         return np.maximum(total, 0) if layer.activation is not None else total
     if mode == "torch":
         q = requantise_torch(total, acc, layer)
@@ -511,9 +628,9 @@ def requantise(total: np.ndarray, acc: np.ndarray, layer: WeightLayer, mode: str
             m0, shift = fixed_point_multiplier(multiplier, frac_bits=min(31, 62 - accumulator_bits))
             m0, shift = _per_channel(m0, acc), _per_channel(shift, acc)
             bias = _per_channel(layer.bias.astype(np.int64), acc)
-            q = (acc * m0 + ((bias * m0) >> layer.bias_frac_bits) + (np.int64(1) << (shift - 1))) >> shift
+            q = (acc.astype(np.int64) * m0 + ((bias * m0) >> layer.bias_frac_bits) + (np.int64(1) << (shift - 1))) >> shift
     q += q.dtype.type(layer.out_grid.zero_point)
-    return _clamp(q, layer)
+    return _clamp(q, layer, memo)
 
 
 # ----------------------------------------------------------------------------- pooling and reshaping
@@ -730,20 +847,21 @@ def _check_input(program: Program, x):
     return x
 
 
-def _step(layer, ins, x, mode, accumulator_bits, saturations, sum_bits, int16_saturations):
-    """Run one layer on its inputs' integers."""
+def _step(layer, ins, x, mode, accumulator_bits, saturations, sum_bits, int16_saturations=None, memo=None):
+    """Run one layer on its inputs' integers (``memo``: see :func:`_constant`)."""
+    int16_saturations = {} if int16_saturations is None else int16_saturations
     if isinstance(layer, InputLayer):
         return quantise_input(x, layer)
     if isinstance(layer, WeightLayer):
-        acc = conv2d(ins[0], layer) if layer.op == "conv2d" else linear(ins[0], layer)
+        acc = conv2d(ins[0], layer, memo) if layer.op == "conv2d" else linear(ins[0], layer, memo)
         if mode == "torch" and layer.kernel == "fbgemm_avx2":
             correction, int16_saturations[layer.name] = int16_pair_saturation(ins[0], layer)
             if correction is not None:
-                acc += correction
+                acc = acc.astype(np.int64) + correction
         stats = {}
-        total, saturations[layer.name] = accumulate_bias(acc, layer, accumulator_bits, stats)
+        total, saturations[layer.name] = accumulate_bias(acc, layer, accumulator_bits, stats, memo)
         sum_bits[layer.name] = stats["sum_bits"]
-        return requantise(total, acc, layer, mode, accumulator_bits)
+        return requantise(total, acc, layer, mode, accumulator_bits, memo)
     if isinstance(layer, PoolLayer):
         return maxpool2d(ins[0], layer) if layer.op == "maxpool2d" else avgpool2d(ins[0], layer, mode)
     if isinstance(layer, FlattenLayer):
@@ -793,7 +911,11 @@ def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = 
     """Run a compiled program on a batch of images, in integer arithmetic.
 
     Layers run in order; each reads the outputs of the layers it names,
-    and an output is dropped once its last reader has run.
+    and an output is dropped once its last reader has run.  The images run
+    in chunks of :func:`chunk_size` (every chunk gives the same integers as
+    the whole batch would); ``Result.saturations`` and
+    ``Result.int16_saturations`` are summed over the chunks and
+    ``Result.sum_bits`` is the widest of them.
 
     Args:
         program: from :func:`nnlab.nna.compile_model` or :func:`nnlab.nna.compile_torch_int8`.
@@ -817,19 +939,70 @@ def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = 
     check_choice("mode", mode, MODES)
     width = accumulator_width(config, accumulator_bits)
     x = _check_input(program, x)
+    size = chunk_size(program)
+    saturations, sum_bits, int16_saturations, outputs, last, memo = {}, {}, {}, {}, [], {}
+    for start in range(0, max(len(x), 1), size):  # chunk by chunk, so that each layer's arrays stay in the cache
+        out, part = _run_chunk(program, x[start: start + size], mode, width, trace, memo)
+        last.append(out)
+        for name, count in part.saturations.items():
+            saturations[name] = saturations.get(name, 0) + count
+        for name, bits in part.sum_bits.items():
+            sum_bits[name] = max(sum_bits.get(name, 1), bits)
+        for name, count in part.int16_saturations.items():
+            int16_saturations[name] = int16_saturations.get(name, 0) + count
+        for name, q in part.outputs.items():
+            outputs.setdefault(name, []).append(q)
+    outputs = {name: np.concatenate(qs) for name, qs in outputs.items()}
+    out = np.concatenate(last, axis=1)  # channel-major: images on the second axis
+    return Result(output_logits(out, program), outputs, saturations, sum_bits, width, int16_saturations)
+
+
+def _run_chunk(program: Program, x: np.ndarray, mode: str, width: int, trace: bool, memo: dict):
+    """:func:`run` on a batch small enough for the cache (checked input): the output integers and the counts."""
     outputs, saturations, sum_bits, int16_saturations, values = {}, {}, {}, {}, {}
     last_use = program.last_uses()
     for i, layer in enumerate(program.layers):
         q = _step(layer, [values[name] for name in layer.inputs], x, mode, width, saturations, sum_bits,
-                  int16_saturations)
+                  int16_saturations, memo)
         values[layer.name] = q
         if trace:
             outputs[layer.name] = channel_first(q)
         for name in layer.inputs:
             if last_use[name] == i:
                 values.pop(name, None)
-    return Result(output_logits(values[program.output.name], program), outputs, saturations, sum_bits, width,
-                  int16_saturations)
+    return values[program.output.name], Result(None, outputs, saturations, sum_bits, width, int16_saturations)
+
+
+#: Working memory one chunk of images may take in a layer, in bytes (:func:`chunk_size`).
+CHUNK_BYTES = 1 << 25
+
+
+def chunk_size(program: Program, chunk_bytes: int | None = None) -> int:
+    """Images per chunk in :func:`run`: as many as keep every layer's arrays within ``chunk_bytes``.
+
+    A layer's arrays per image are its input, its output (twice: the sums
+    and the requantised values) and, for a convolution, its im2col matrix;
+    at 8 bytes an element.  Throughput no longer falls as the batch grows
+    past what the cache holds.
+
+    Args:
+        program: the program to run.
+        chunk_bytes: the budget (default :data:`CHUNK_BYTES`).
+
+    Returns:
+        At least 1.
+    """
+    from .compiler import output_shapes
+
+    shapes = output_shapes(program)
+    per_image = 1
+    for layer in program.layers:
+        size = int(np.prod(shapes[layer.name]))
+        elements = 2 * size + sum(int(np.prod(shapes[name])) for name in layer.inputs)
+        if isinstance(layer, WeightLayer) and layer.op == "conv2d" and _uses_im2col(layer):
+            elements += size // layer.out_channels * layer.fan_in * layer.groups  # im2col: Ho*Wo * C*kh*kw
+        per_image = max(per_image, 8 * elements)
+    return max(1, (CHUNK_BYTES if chunk_bytes is None else chunk_bytes) // per_image)
 
 
 def predict(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = None,
