@@ -264,8 +264,8 @@ class _Builder:
         return self.node("DequantizeLinear", [q, s, z], layer_name, layer_name)
 
     # -- weights
-    def weight(self, layer) -> tuple:
-        """The weight layer's DequantizeLinear output and bias tensor names."""
+    def weight_integers(self, layer) -> str:
+        """The weight layer's integers as an initializer of their bit-depth's container (INT4 packed, INT8, INT16)."""
         from onnx import TensorProto
 
         name, grid = layer.name, layer.weight_grid
@@ -276,10 +276,14 @@ class _Builder:
                              f"{grid.bits}-bit grid")
         self.weight_bits[name] = int(grid.bits)
         if kind in (TensorProto.INT4, TensorProto.UINT4):
-            w = self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
-                          values=_pack_4bit(codes), raw=True)
-        else:
-            w = self.init(f"{name}.weight_quantised", codes.astype(dtype))
+            return self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
+                             values=_pack_4bit(codes), raw=True)
+        return self.init(f"{name}.weight_quantised", codes.astype(dtype))
+
+    def weight(self, layer) -> tuple:
+        """The weight layer's DequantizeLinear output and bias tensor names."""
+        name, grid = layer.name, layer.weight_grid
+        w = self.weight_integers(layer)
         scale = grid.scale.astype(np.float32)
         per_tensor = bool(np.all(scale == scale[0]))
         s = self.init(f"{name}.weight_scale", np.array(scale[0], np.float32) if per_tensor else scale)
@@ -453,20 +457,8 @@ class _ExactBuilder(_Builder):
 
     def weight_sums(self, layer, x: str, ndim: int) -> str:
         """The exact integer sums ``acc`` of a weight layer (float32), checking they stay exact."""
-        from onnx import TensorProto
-
-        name, grid = layer.name, layer.weight_grid
-        kind, dtype, low, high = _container(grid.bits, True, self.opset, True, f"the weights of layer {name!r}")
-        codes = layer.weight
-        if codes.min(initial=0) < low or codes.max(initial=0) > high:
-            raise ValueError(f"layer {name!r}: weight integers {codes.min()}..{codes.max()} do not fit the "
-                             f"{grid.bits}-bit grid")
-        self.weight_bits[name] = int(grid.bits)
-        if kind in (TensorProto.INT4, TensorProto.UINT4):
-            w = self.init(f"{name}.weight_quantised", data_type=kind, dims=list(codes.shape),
-                          values=_pack_4bit(codes), raw=True)
-        else:
-            w = self.init(f"{name}.weight_quantised", codes.astype(dtype))
+        name, codes = layer.name, layer.weight
+        w = self.weight_integers(layer)
         one = self.const(f"{name}.weight_unit_scale", np.float32(1.0), np.float32)
         wf = self.node("DequantizeLinear", [w, one], f"{name}.weight_integers", name)
         per_channel = np.abs(codes.reshape(codes.shape[0], -1).astype(np.int64)).sum(axis=1)

@@ -67,11 +67,10 @@ import pandas as pd
 from torch import nn
 
 from . import config
-from ._args import check_choice, check_float, check_int
-from .cache import RECIPES, cached, pretrained
-from .data import DATASETS, first_images, load_data
+from .cache import cached, pretrained
+from .data import first_images, load_data
 from .models import upgrade_state_dict
-from .train import accuracy, resolve_device
+from .train import accuracy
 
 __all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "CompressionResult", "compress", "stage_costs"]
 
@@ -181,14 +180,43 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
     return figures, program, table
 
 
-def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
-    """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
-    from . import distill, prune, regularize
+def _sparse_recipe(quick: bool) -> dict:
+    """The distillation recipe of stage 3 for quick or full mode (one value per setting)."""
+    from . import distill
 
     pick = 1 if quick else 0
-    recipe = {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
-              "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
-    l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][pick]}
+    return {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
+            "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
+
+
+def _core_and_distil(student, teacher, data, sparsity, recipe, *, device, seed, verbose) -> dict:
+    """Core ``student`` to ``sparsity`` with distillation from ``teacher``; the cache payload of the result."""
+    from . import distill
+
+    distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
+                              epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
+                              lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed, progress=verbose)
+    student.to("cpu")
+    return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
+
+
+def _restore_sparse(teacher, state) -> nn.Module:
+    """A copy of ``teacher`` carrying a cored state dict (its pruning masks re-applied)."""
+    from . import prune
+
+    student = copy.deepcopy(teacher)
+    masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
+    prune.apply_masks(student, masks)
+    student.load_state_dict(state)
+    return student
+
+
+def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
+    """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
+    from . import distill, regularize
+
+    recipe = _sparse_recipe(quick)
+    l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][1 if quick else 0]}
     spec = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
             "sparsity": sparsity, "recipe": recipe, "l1": l1, "seed": seed}
 
@@ -199,20 +227,10 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
         student = copy.deepcopy(teacher)
         distill.distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=regularize.l1_penalty(
             l1["strength"]), device=device, seed=seed, progress=verbose, desc="L1")
-        distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
-                                  epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
-                                  lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed,
-                                  progress=verbose)
-        student.to("cpu")
-        return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
+        return _core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
 
     def restore(payload):
-        student = copy.deepcopy(teacher)
-        state = upgrade_state_dict(student, payload["state_dict"])
-        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
-        prune.apply_masks(student, masks)
-        student.load_state_dict(state)
-        return student
+        return _restore_sparse(teacher, upgrade_state_dict(copy.deepcopy(teacher), payload["state_dict"]))
 
     name = f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
     payload = cached(name, spec, build, validate=restore, verbose=verbose)
@@ -287,32 +305,18 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
 
 def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbose):
     """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.distill.pretrained_sparse` does (cached)."""
-    from . import distill, prune
-
-    pick = 1 if quick else 0
-    recipe = {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
-              "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
+    recipe = _sparse_recipe(quick)
     spec = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
             "recipe": recipe, "seed": seed}
 
     def build():
         if verbose:
             print(f"Pruning {label} to {sparsity:.0%} with distillation (done once, then cached) ...")
-        student = copy.deepcopy(teacher)
-        distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
-                                  epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
-                                  lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed,
-                                  progress=verbose)
-        student.to("cpu")
-        return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
+        return _core_and_distil(copy.deepcopy(teacher), teacher, data, sparsity, recipe, device=device, seed=seed,
+                                verbose=verbose)
 
     def restore(payload):
-        student = copy.deepcopy(teacher)
-        state = payload["state_dict"]
-        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
-        prune.apply_masks(student, masks)
-        student.load_state_dict(state)
-        return student
+        return _restore_sparse(teacher, payload["state_dict"])
 
     file = f"{_file_label(type(teacher).__name__)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
     payload = cached(file, spec, build,
