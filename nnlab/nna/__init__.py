@@ -1,4 +1,7 @@
-"""Deploy: a NumPy simulator of a neural network accelerator (METHOD.md step 3).
+"""Deploy: a NumPy simulator of a neural network accelerator.
+
+The course's last step, after elimination (pruning) and reduction (quantisation): the compressed network runs
+in integer arithmetic on packed low-bit weights, and its bytes, traffic, energy and latency are reported.
 
 Three separate things, as in SCALE-Sim and Timeloop:
 
