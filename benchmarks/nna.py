@@ -73,6 +73,24 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
+def _images_per_s(program, base, data, rounds: int, repeats: int) -> tuple[float, float]:
+    """Simulator and PyTorch fp32 images/s on the first 256 test images, one thread, interleaved rounds."""
+    import torch
+
+    from nnlab import nna
+
+    x = torch.cat([xb for xb, _ in data.test])[:256]
+    x_np = x.numpy()
+    sim_times, torch_times = [], []
+    with torch.no_grad():
+        base(x)
+        nna.run(program, x_np)
+        for _ in range(rounds):
+            sim_times.append(_best_seconds(lambda: nna.run(program, x_np), repeats))
+            torch_times.append(_best_seconds(lambda: base(x), repeats))
+    return len(x) / min(sim_times), len(x) / min(torch_times)
+
+
 #: The networks of the ``models`` section; the torchvision ones with ``--torchvision``.
 MODELS = ("lenet5", "mobilenet-mnist", "resnet-mnist")
 TORCHVISION = ("torchvision:resnet18", "torchvision:mobilenet_v2")
@@ -111,15 +129,7 @@ def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, r
     finally:
         torch.backends.quantized.engine = engine_before
 
-    x = torch.cat([xb for xb, _ in data.test])[:256]
-    x_np = x.numpy()
-    sim_times, torch_times = [], []
-    with torch.no_grad():
-        base(x)
-        nna.run(program, x_np)
-        for _ in range(repeats):
-            sim_times.append(_best_seconds(lambda: nna.run(program, x_np), 2))
-            torch_times.append(_best_seconds(lambda: base(x), 2))
+    sim_ips, torch_ips = _images_per_s(program, base, data, repeats, 2)
     agreement_grid = {}
     for wb, ab in GRID if grid else ():
         q = nnlab.quant.quantise_model(base, data, wb, ab)
@@ -138,8 +148,8 @@ def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, r
         "accuracy_drop_pp": accuracy_fp32 - agree["accuracy_nna"],
         "compression": summary["compression"],
         "energy_ratio": summary["energy_ratio"],
-        "sim_images_per_s": len(x) / min(sim_times),
-        "torch_fp32_images_per_s": len(x) / min(torch_times),
+        "sim_images_per_s": sim_ips,
+        "torch_fp32_images_per_s": torch_ips,
         "saturations": agree["saturations"],
         "images": agree["n"],
         "seconds": time.perf_counter() - start,
@@ -199,16 +209,7 @@ def main(argv=None) -> dict:
     summary = nna.summary(nna.report(program, nna.SERIES2NX))
 
     # Speed: batch 256, one thread, interleaved so that both see the same machine load.
-    x = torch.cat([xb for xb, _ in data.test])[:256]
-    x_np = x.numpy()
-    sim_times, torch_times = [], []
-    with torch.no_grad():
-        base(x)
-        nna.run(program, x_np)
-        for _ in range(pick(full=7, quick=3)):
-            sim_times.append(_best_seconds(lambda: nna.run(program, x_np), 3))
-            torch_times.append(_best_seconds(lambda: base(x), 3))
-    sim_ips, torch_ips = len(x) / min(sim_times), len(x) / min(torch_times)
+    sim_ips, torch_ips = _images_per_s(program, base, data, pick(full=7, quick=3), 3)
 
     # The explorer: from the same sparse network compiled at 16-bit weights.
     wide = nna.compile_model(nnlab.quant.quantise_model(nnlab.distill.pretrained_sparse(
