@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ._args import check_bool, check_choice, check_float, check_int, check_positive_int
 from ._catalogue import DATASETS, SOURCES
+from .base import resolve_device
 
 __all__ = ["parse_model_argument", "resolve_model", "check_module_fits", "check_compress_arguments",
            "check_quantised_arguments", "check_bits", "check_common", "check_overrides", "check_source",
@@ -230,7 +231,6 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     from .cache import check_model_fits
     from .nna.engine import accumulator_width
     from .quant import METHODS
-    from .train import resolve_device
 
     check_int("seed", seed, minimum=0, maximum=2**63 - 1)
     model = resolve_model(model, seed)
@@ -284,7 +284,6 @@ def check_quantised_arguments(model, weight_bits, act_bits, *, method, epochs, s
     """
     from .data import DataBundle
     from .quant import GRANULARITIES, METHODS
-    from .train import resolve_device
 
     check_common(model, None, None, seed, quick, verbose)
     check_bits("weight_bits", weight_bits)

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import config
 from ._catalogue import DATASETS
-from ._files import atomic_write
+from .base import atomic_write
 from ._preflight import check_common
 
 if TYPE_CHECKING:

@@ -60,6 +60,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from .base import atomic_write, resolve_device  # light: neither loads PyTorch
+
 __all__ = ["main", "build_parser", "write_report"]
 
 
@@ -194,12 +196,6 @@ def _figure_png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _atomic_write(path: Path, text: str):
-    from ._files import atomic_write
-
-    atomic_write(path, text)
-
-
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:12px;margin:1em 0}th,td{border:1px solid #ccc;padding:3px 6px;
 text-align:right}td{white-space:nowrap}th{background:#f3f3f3;vertical-align:bottom}
@@ -321,9 +317,9 @@ network that overflowed the accelerator's accumulator (only the NNA stage has on
 the widest sum needed. <code>report.json</code> holds every column of the simulator's report, unrounded.</p>
 {choice_html}
 </body></html>"""
-    _atomic_write(out / "report.html", page)
+    atomic_write(out / "report.html", page)
     doc = _finite(doc)
-    _atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
+    atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
     return doc
 
 
@@ -399,7 +395,6 @@ def _main(argv) -> int:
     if args.onnx and importlib.util.find_spec("onnx") is None:
         parser.error('--onnx needs the onnx package, which is not installed: pip install "nnlab[onnx]"')
     # From here on PyTorch is loaded.
-    from .train import resolve_device
 
     try:
         resolve_device(args.device)

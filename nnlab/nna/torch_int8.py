@@ -39,7 +39,7 @@ from torch.nn.utils import parametrize
 
 from .. import graph
 from .._args import check_choice, check_positive_int
-from ..train import _loader
+from ..base import loader_of
 
 __all__ = ["Int8Model", "FLOWS", "quantise_torch_int8", "fusion_groups", "layer_outputs", "int8_graph",
            "node_labels", "ENGINE_KEY"]
@@ -93,7 +93,7 @@ def fusion_groups(model: nn.Sequential) -> list:
 
 
 def _calibrate(model, data, batches):
-    for i, (x, _) in enumerate(_loader(data, "train")):
+    for i, (x, _) in enumerate(loader_of(data, "train")):
         model(x)
         if i + 1 >= batches:
             break
@@ -134,7 +134,7 @@ def _fx(model, data, calibration_batches, engine):
     from ..distributed import unwrap
 
     model = copy.deepcopy(unwrap(model)).cpu().eval()
-    example = next(iter(_loader(data, "train")))[0][:1]
+    example = next(iter(loader_of(data, "train")))[0][:1]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notices of torch.ao.quantization
         try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .._args import check_choice
-from ..train import _loader
+from ..base import loader_of
 from .engine import MODES, run
 from .program import Program
 
@@ -26,7 +26,7 @@ __all__ = ["agreement", "compare_modes", "compare_torch_int8", "test_batches"]
 def test_batches(data, limit: int | None = None):
     """The ``(images, labels)`` test batches of a DataBundle (or loader), at most ``limit`` images in all."""
     seen = 0
-    for x, y in _loader(data, "test"):
+    for x, y in loader_of(data, "test"):
         if limit is not None and seen >= limit:
             break
         if limit is not None:

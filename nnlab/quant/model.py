@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize, prune
 
 from .. import graph
 from .._args import check_choice, check_positive_int
-from ..distributed import unwrap
-from ..train import resolve_device
+from ..base import unwrap
+from ..base import loader_of, resolve_device
 from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
 from .spec import GRANULARITIES, QuantSpec
 from .tensor import SCALE_METHODS, check_finite_parameters, fake_quantise
@@ -368,10 +368,8 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
     quantizers = act_quantizers(net)
     if not quantizers:
         return model.eval()
-    if device is None:
-        device = next(model.parameters()).device
-    dev = resolve_device(device)
-    loader = data.train if hasattr(data, "train") and hasattr(data, "description") else data
+    dev = resolve_device(device, model)
+    loader = loader_of(data, "train")
     for name, q in quantizers.items():
         q.label = f"the activations at {name!r}"
         q.start_calibration()

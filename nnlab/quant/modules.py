@@ -283,6 +283,9 @@ class ActQuantizer(_LearnedScale, nn.Module):
             ``nn.Parameter``, LSQ); :meth:`fix_scale` ends it.
     """
 
+    #: Read by :func:`nnlab.graph.is_act_quantiser` (the graph does not import this module).
+    ACT_QUANTISER = True
+
     label = "the activations"  # what errors call it (set per quantiser by attach_quantisers and calibrate)
     _checked = None  # the scale's _stamp when it was last checked
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .._args import check_float, check_int, check_positive_int
-from ..distributed import unwrap
-from ..train import _loader, resolve_device
+from ..base import loader_of, resolve_device, unwrap
+from ..train import accuracy
 from .model import quantise_model, weight_layers
 from .spec import MAX_BITS, MIN_BITS
 
@@ -39,10 +39,7 @@ def _bits_list(bits) -> list:
 
 
 def _device_of(model, device):
-    if device is not None:
-        return resolve_device(device)
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
+    return resolve_device(device, model)
 
 
 @torch.no_grad()
@@ -61,7 +58,7 @@ def logits_and_labels(model: nn.Module, data, *, device=None) -> tuple[torch.Ten
     dev = _device_of(net, device)
     net.eval()
     logits, labels = [], []
-    for x, y in _loader(data, "test"):
+    for x, y in loader_of(data, "test"):
         logits.append(net(x.to(dev)).float().cpu())
         labels.append(y)
     if not logits:
@@ -98,8 +95,6 @@ def bit_sensitivity(model: nn.Module, data, bits: int | Sequence[int] = 4, *, ot
         ``accuracy`` and ``drop`` (percentage points below the same network
         without that layer's change: every layer at ``others`` bits, or float).
     """
-    from ..train import accuracy
-
     net = unwrap(model)
     values = _bits_list(bits)
     check_positive_int("calibration_batches", calibration_batches)

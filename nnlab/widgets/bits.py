@@ -23,7 +23,7 @@ from torch import nn
 from .._args import check_choice, check_int, check_positive_int
 from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantizer, quantise_model, weight_layers
 from ..data import first_images
-from ..train import _loader
+from ..base import loader_of, resolve_device
 from ._shown import readout, shown_html
 
 __all__ = ["BitExplorer", "bit_explorer"]
@@ -57,11 +57,11 @@ class BitExplorer:
         check_positive_int("calibration_images", calibration_images)
         check_positive_int("max_test", max_test)
         self.bins = check_positive_int("bins", bins)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = model.to(self.device).eval()
         self.names = list(weight_layers(model))
-        self.x, self.y = self._take(_loader(data, "test"), max_test)
-        x_cal, _ = self._take(_loader(data, "train"), calibration_images, seed=0)
+        self.x, self.y = self._take(loader_of(data, "test"), max_test)
+        x_cal, _ = self._take(loader_of(data, "train"), calibration_images, seed=0)
         self.calibration = [(x_cal, None)]
         self.overrides: dict = {}
         self.quantised = None

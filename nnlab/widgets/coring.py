@@ -27,6 +27,7 @@ from torch import nn
 
 from .._args import check_choice, check_float, check_positive_int
 from ..prune import SCOPES, effective_weight, make_permanent, prunable_layers
+from ..base import resolve_device
 from ..data import first_images
 from ._shown import shown_html
 
@@ -72,7 +73,7 @@ class CoringExplorer:
     def __init__(self, model: nn.Module, data, *, bins: int = 80, max_test: int = 1000, device="cpu"):
         self.bins = check_positive_int("bins", bins)
         check_positive_int("max_test", max_test)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.model = copy.deepcopy(model).to(self.device).eval()
         make_permanent(self.model)  # the copy runs on plain weights, set directly at each update
         self.layers = prunable_layers(self.model)
