@@ -21,13 +21,12 @@ Convention used throughout nnlab (Hinton, Vinyals and Dean, 2015)::
 
 :func:`distill` trains with this loss through :func:`nnlab.train.fit`, so the
 pruning masks stay attached and pruned weights stay exactly zero.
-:func:`prune_and_distill` alternates coring and distillation, and
-:func:`pretrained_sparse` caches its result for later chapters.
+:func:`prune_and_distill` alternates coring and distillation;
+:func:`nnlab.recipes.pretrained_sparse` caches its result for later chapters.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Iterable, Sequence
 
 import pandas as pd
@@ -35,12 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import config
-from ._args import check_choice, check_float, check_positive_int
-from .prune import apply_masks, iterative_coring
-from .prune import sparsity as measured_sparsity
-from .base import loader_of, resolve_device
-from .train import accuracy, fit
+from ._args import check_float, check_positive_int
+from .prune import iterative_coring
+from .base import loader_of, resolve_device, warn_moved
+from .train import fit
 
 __all__ = ["RECIPE", "distillation_loss", "distill", "prune_and_distill", "pretrained_sparse"]
 
@@ -224,68 +221,9 @@ def prune_and_distill(
                             layers=layers, eval_data=eval_data, device=device)
 
 
-def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None, quick: bool | None = None,
-                      device="cpu", seed: int = 0, verbose: bool = True) -> nn.Module:
-    """A pruned, distillation-retrained network, built once with :data:`RECIPE` and then cached.
+def pretrained_sparse(*args, **kwargs):
+    """Deprecated alias of :func:`nnlab.recipes.pretrained_sparse` (same arguments, same result)."""
+    from .recipes import pretrained_sparse as recipe  # deprecated alias: the recipe sits above this technique
 
-    Later chapters start from it instead of rerunning notebook 02.  The teacher
-    is :func:`nnlab.cache.pretrained` on the same data.
-
-    Args:
-        model: a model name known to :func:`nnlab.cache.pretrained` (e.g. ``"lenet5"``).
-        sparsity: target global sparsity in ``[0, 1)``.
-        data: DataBundle to train and test on; default ``load_data()`` (the
-            offline MNIST subset, no augmentation).
-        quick: use the quick-mode recipe; default :func:`nnlab.quick_mode`.
-        device: where to train (on a cache miss) and where the model is returned.
-        seed: seed of the teacher and of the retraining.
-        verbose: print what is happening.
-
-    Returns:
-        The student in eval mode with its pruning masks attached
-        (``weight_orig``, ``weight_mask``); ``model.nnlab_metrics`` holds
-        ``top1`` (test accuracy, percent), ``dense_top1``, ``sparsity`` and
-        the per-step ``history``.
-    """
-    from .cache import cached, pretrained
-    from .data import load_data
-    from .models import MODELS, upgrade_state_dict
-
-    check_choice("model", model, MODELS)
-    sparsity_target = check_float("sparsity", sparsity, 0, 1, high_open=True)
-    quick = config.quick_mode() if quick is None else bool(quick)
-    dev = resolve_device(device)
-    if data is None:
-        data = load_data(verbose=verbose)
-    teacher = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
-    pick = 1 if quick else 0
-    recipe = {**RECIPE, "steps": RECIPE["steps"][pick], "epochs_per_step": RECIPE["epochs_per_step"][pick]}
-    spec = {"model": model, "sparsity": sparsity_target, "data": data.fingerprint, "recipe": recipe,
-            "teacher_metrics": teacher.nnlab_metrics, "seed": seed}
-
-    def build():
-        if verbose:
-            print(f"Pruning {model} to {sparsity_target:.0%} with distillation (done once, then cached) ...")
-        student = copy.deepcopy(teacher)
-        history = prune_and_distill(student, teacher, data, target=sparsity_target, steps=recipe["steps"],
-                                    epochs_per_step=recipe["epochs_per_step"], T=recipe["T"],
-                                    alpha=recipe["alpha"], lr=recipe["lr"], scope=recipe["scope"],
-                                    device=dev, seed=seed, progress=verbose)
-        student.to("cpu")
-        metrics = {"top1": accuracy(student, data), "dense_top1": accuracy(teacher, data),
-                   "sparsity": measured_sparsity(student), "history": history.to_dict(orient="list")}
-        return {"state_dict": student.state_dict(), "metrics": metrics}
-
-    def restore(payload):
-        student = copy.deepcopy(teacher)
-        state = upgrade_state_dict(student, payload["state_dict"])
-        masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
-        apply_masks(student, masks)
-        student.load_state_dict(state)
-        return student
-
-    payload = cached(f"{model}-sparse{round(100 * sparsity_target)}-{data.name}-{data.source}", spec, build,
-                     validate=restore, verbose=verbose)
-    student = restore(payload)
-    student.nnlab_metrics = dict(payload["metrics"])
-    return student.to(dev).eval()
+    warn_moved("nnlab.distill.pretrained_sparse", "nnlab.recipes.pretrained_sparse")
+    return recipe(*args, **kwargs)

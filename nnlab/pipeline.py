@@ -11,13 +11,13 @@ Stages, each starting from the previous one's network unless said otherwise:
 1. ``fp32 baseline``: the trained dense network (:func:`nnlab.cache.pretrained`);
 2. ``pruned``: fraction coring to the target sparsity, no retraining;
 3. ``pruned + distilled``: coring and distillation alternated
-   (:func:`nnlab.distill.pretrained_sparse`);
+   (:func:`nnlab.recipes.pretrained_sparse`);
 4. ``L1 + pruned + distilled``: the baseline first retrained with an L1
    penalty, then cored and distilled the same way (a side branch: it shows
    what L1 adds; run only with ``l1=True``, as the deployed network does not use it);
 5. ``PTQ``: stage 3 quantised after training (:func:`nnlab.quant.quantise_model`);
 6. ``retrained low-bit``: stage 3 quantised and retrained
-   (:func:`nnlab.quant.pretrained_quantised`);
+   (:func:`nnlab.recipes.pretrained_quantised`);
 7. ``NNA (integer)``: stage 6 compiled (:func:`nnlab.nna.compile_model`) and
    run by the engine on the test set in its ``"integer"`` requantisation
    mode, integers only as an accelerator computes (fixed-point
@@ -66,11 +66,19 @@ from dataclasses import dataclass, field
 import pandas as pd
 from torch import nn
 
-from . import config
+from . import config, nna, prune, quant
+from ._preflight import check_compress_arguments
 from .cache import cached, pretrained
-from .data import first_images, load_data
+from .distill import distill
+from .data import first_images, load_data, make_loader
+from .graph import trace
 from .models import upgrade_state_dict
-from .train import accuracy
+from .recipes import core_and_distil, pretrained_quantised, pretrained_sparse, train_once
+from .recipes import restore_sparse as _restore_sparse
+from .recipes import sparse_recipe as _sparse_recipe
+from .regularize import l1_penalty
+from .nna.engine import MAX_ACCUMULATOR_BITS
+from .train import accuracy, fit
 
 __all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "CompressionResult", "compress", "stage_costs"]
 
@@ -84,7 +92,7 @@ NNA_MODE = "integer"
 MODULE_RECIPE = {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True}
 
 #: Low-bit retraining of an ``nn.Module``'s stage 6: epochs (full, quick) and learning rate,
-#: as :func:`nnlab.quant.pretrained_quantised` retrains the registered models.
+#: as :func:`nnlab.recipes.pretrained_quantised` retrains the registered models.
 MODULE_RETRAIN = {"epochs": (3, 1), "lr": 0.01}
 
 #: L1 branch: penalty strength and epochs of L1 retraining before coring (full, quick).
@@ -164,8 +172,6 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
         ``energy_uj``, ``latency_us``, ``compression``, ``energy_ratio``
         and ``hardware``.
     """
-    from . import nna, quant
-
     hardware = nna.SERIES2NX if hardware is None else hardware
     if float_model:
         structure = quant.quantise_model(model, data, 8, 8)
@@ -180,41 +186,14 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
     return figures, program, table
 
 
-def _sparse_recipe(quick: bool) -> dict:
-    """The distillation recipe of stage 3 for quick or full mode (one value per setting)."""
-    from . import distill
-
-    pick = 1 if quick else 0
-    return {**distill.RECIPE, "steps": distill.RECIPE["steps"][pick],
-            "epochs_per_step": distill.RECIPE["epochs_per_step"][pick]}
-
-
 def _core_and_distil(student, teacher, data, sparsity, recipe, *, device, seed, verbose) -> dict:
     """Core ``student`` to ``sparsity`` with distillation from ``teacher``; the cache payload of the result."""
-    from . import distill
-
-    distill.prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
-                              epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
-                              lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed, progress=verbose)
-    student.to("cpu")
+    core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
     return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
-
-
-def _restore_sparse(teacher, state) -> nn.Module:
-    """A copy of ``teacher`` carrying a cored state dict (its pruning masks re-applied)."""
-    from . import prune
-
-    student = copy.deepcopy(teacher)
-    masks = {k[: -len(".weight_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")}
-    prune.apply_masks(student, masks)
-    student.load_state_dict(state)
-    return student
 
 
 def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
-    from . import distill, regularize
-
     recipe = _sparse_recipe(quick)
     l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][1 if quick else 0]}
     spec = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
@@ -225,16 +204,16 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
             print(f"L1 branch: {l1['epochs']} epochs with an L1 penalty, then coring to {sparsity:.0%} "
                   f"(done once, then cached) ...")
         student = copy.deepcopy(teacher)
-        distill.distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=regularize.l1_penalty(
-            l1["strength"]), device=device, seed=seed, progress=verbose, desc="L1")
-        return _core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
+        distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=l1_penalty(l1["strength"]),
+                device=device, seed=seed, progress=verbose, desc="L1")
+        core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
+        return student, {"top1": accuracy(student, data)}
 
-    def restore(payload):
-        return _restore_sparse(teacher, upgrade_state_dict(copy.deepcopy(teacher), payload["state_dict"]))
+    def restore(state):
+        return _restore_sparse(teacher, upgrade_state_dict(copy.deepcopy(teacher), state))
 
-    name = f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
-    payload = cached(name, spec, build, validate=restore, verbose=verbose)
-    return restore(payload).eval()
+    return train_once(f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}", spec, build, restore,
+                      device="cpu", verbose=verbose)
 
 
 def weights_hash(model: nn.Module) -> str:
@@ -251,8 +230,6 @@ def weights_hash(model: nn.Module) -> str:
 
 def module_fingerprint(model: nn.Module) -> dict:
     """What identifies an ``nn.Module`` in the cache: its class, its traced graph (code) and its weights."""
-    from .graph import trace
-
     code = trace(model).code
     return {"class": f"{type(model).__module__}.{type(model).__qualname__}",
             "graph": hashlib.sha256(code.encode()).hexdigest(), "weights": weights_hash(model)}
@@ -267,9 +244,6 @@ def _file_label(label: str) -> str:
 
 def _module_baseline(module, data, *, train, label, quick, device, seed, verbose):
     """Stage 1 of an ``nn.Module``: trained with :data:`MODULE_RECIPE` from its weights (cached), or as given."""
-    from .data import make_loader
-    from .train import fit
-
     if not train:
         net = copy.deepcopy(module).cpu().eval()
         net.nnlab_metrics = {"top1": accuracy(net, data), "trained": False}
@@ -304,7 +278,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
 
 
 def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbose):
-    """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.distill.pretrained_sparse` does (cached)."""
+    """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.recipes.pretrained_sparse` does (cached)."""
     recipe = _sparse_recipe(quick)
     spec = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
             "recipe": recipe, "seed": seed}
@@ -326,8 +300,6 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
 
 def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, quick, device, seed, verbose):
     """Stage 6 of an ``nn.Module``: stage 3 quantised and retrained as the registered models are (cached)."""
-    from . import quant
-
     epochs, lr = MODULE_RETRAIN["epochs"][1 if quick else 0], MODULE_RETRAIN["lr"]
     spec = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
             "act_bits": act_bits, "method": method, "epochs": epochs, "lr": lr, "seed": seed,
@@ -419,9 +391,6 @@ def compress(
         nnlab.graph.GraphError: a model with an operation nnlab cannot
             quantise or compile (the message names the node).
     """
-    from . import nna, prune, quant
-    from ._preflight import check_compress_arguments
-    from .distill import pretrained_sparse
 
     given = model
     model, sparsity, hardware, dev = check_compress_arguments(
@@ -471,7 +440,7 @@ def compress(
     ptq = quant.quantise_model(sparse, data, weight_bits, act_bits)
     add("PTQ", ptq, float_model=False, bits=(weight_bits, act_bits))
     if registered:
-        retrained = quant.pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
+        retrained = pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
                                                data=data, device=dev, seed=seed, quick=quick,
                                                verbose=verbose).cpu()
     else:
@@ -516,8 +485,6 @@ def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:
     it while a run still saturates: after a saturated layer the later ones
     computed on other inputs), which gives the accuracy without overflow.
     """
-    from . import nna
-    from .nna.engine import MAX_ACCUMULATOR_BITS
 
     if run.saturated == 0:
         return None

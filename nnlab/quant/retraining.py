@@ -48,9 +48,10 @@ import torch
 from torch import nn
 
 from .._args import check_choice, check_float, check_int, check_positive_int
+from ..base import warn_moved
 from ..distributed import is_distributed, shared_generator
-from ..train import Callback, evaluate, fit
-from .model import (act_quantizers, attach_quantisers, freeze, quantise_model, quantiser_input, weight_layers,
+from ..train import Callback, fit
+from .model import (act_quantizers, freeze, quantiser_input, weight_layers,
                     weight_quantizer)
 
 __all__ = ["METHODS", "SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
@@ -225,109 +226,9 @@ def retrain(
 STRUCTURE_VERSION = 2
 
 
-def pretrained_quantised(
-    model: str = "lenet5",
-    weight_bits: int = 4,
-    act_bits: int | None = 8,
-    *,
-    method: str = "random_subset",
-    scales: str = "follow",
-    epochs: int | None = None,
-    sparsity: float | None = None,
-    granularity: str = "per_channel",
-    overrides: dict | None = None,
-    lr: float = 0.01,
-    data=None,
-    device="cpu",
-    seed: int = 0,
-    quick: bool | None = None,
-    verbose: bool = True,
-) -> nn.Module:
-    """A quantised and retrained baseline, retrained once and loaded from the cache afterwards.
+def pretrained_quantised(*args, **kwargs):
+    """Deprecated alias of :func:`nnlab.recipes.pretrained_quantised` (same arguments, same result)."""
+    from ..recipes import pretrained_quantised as recipe  # deprecated alias: the recipe sits above this technique
 
-    Starts from :func:`nnlab.cache.pretrained` (or, with ``sparsity``, from
-    :func:`nnlab.distill.pretrained_sparse`), quantises it
-    (:func:`quantise_model`) and retrains it (:func:`retrain`).
-
-    Args:
-        model: baseline name, e.g. ``"lenet5"``.
-        weight_bits, act_bits: bit-depths (act_bits None: float activations).
-        method: ``"ste"``, ``"random_subset"`` or ``"ptq"`` (no retraining).
-        scales: ``"follow"`` or ``"learned"`` (LSQ), as for :func:`retrain`.
-        epochs: retraining epochs; default 3 (1 in quick mode).
-        sparsity: start from the pruned network of this sparsity (e.g. 0.9).
-        granularity: weight scales ``"per_channel"`` or ``"per_tensor"``.
-        overrides: per-layer weight bits, as for :func:`attach_quantisers`.
-        lr: retraining learning rate.
-        data: DataBundle (default: ``nnlab.data.load_data()``).
-        device: where to train and where the model is returned.
-        seed: training seed.
-        quick: quick-mode recipe; default :func:`nnlab.quick_mode`.
-        verbose: print what is happening.
-
-    Returns:
-        The quantised model in eval mode; ``model.nnlab_metrics`` holds its
-        test accuracy (``top1``) and the settings.
-    """
-    from .. import cache, config
-    from .._preflight import check_quantised_arguments
-    from ..data import load_data
-
-    check_quantised_arguments(model, weight_bits, act_bits, method=method, epochs=epochs, sparsity=sparsity,
-                              granularity=granularity, overrides=overrides, lr=lr, data=data, device=device,
-                              seed=seed, quick=quick, verbose=verbose)
-    check_choice("scales", scales, SCALE_MODES)
-    if scales == "learned" and method == "ptq":
-        raise ValueError("scales='learned' needs retraining; method 'ptq' does not train (use 'ste' or 'random_subset')")
-    quick = config.quick_mode() if quick is None else bool(quick)
-    epochs = (1 if quick else 3) if epochs is None else check_positive_int("epochs", epochs)
-    if data is None:
-        data = load_data(verbose=verbose)
-
-    def base(where="cpu"):
-        # A cache miss trains the float (or sparse) network on `where`.
-        if sparsity is None:
-            return cache.pretrained(model, data=data, quick=quick, seed=seed, device=where, verbose=verbose)
-        from .. import distill
-        return distill.pretrained_sparse(model=model, sparsity=sparsity, data=data, quick=quick, seed=seed,
-                                         device=where, verbose=verbose)
-
-    options = {"granularity": granularity, "overrides": overrides}
-    # "structure": how quantisers are placed and named (2: on the traced graph, a GraphModule's state dict).
-    spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
-            "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
-            "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
-    if scales != "follow":  # entries retrained with scales that follow the weights keep their cache keys
-        spec["scales"] = scales
-
-    def build():
-        if verbose:
-            extra = f", layers {overrides}" if overrides else ""
-            sp = f"{sparsity:.0%}-sparse " if sparsity else ""
-            print(f"Quantising {sp}{model} to {weight_bits}-bit weights{extra} / {act_bits}-bit activations "
-                  f"({method}; done once, then cached) ...")
-        qmodel = quantise_model(base(device), data, weight_bits, act_bits, **options)
-        if method != "ptq":
-            retrain(qmodel, data, epochs, method=method, scales=scales, lr=lr, seed=seed, device=device,
-                    progress=verbose)
-        qmodel.to("cpu")
-        metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in spec.items() if k != "data"}}
-        return {"state_dict": qmodel.state_dict(), "metrics": metrics}
-
-    def skeleton():
-        net = attach_quantisers(base(), weight_bits, act_bits, **options)
-        for a in act_quantizers(net).values():
-            a.calibrating = False
-        return net
-
-    def validate(payload):
-        skeleton().load_state_dict(payload["state_dict"])
-
-    sp = "" if sparsity is None else f"-sparse{round(100 * sparsity)}"
-    lsq = "-lsq" if scales == "learned" else ""
-    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}{lsq}", spec, build,
-                           validate=validate, verbose=verbose)
-    net = skeleton()
-    net.load_state_dict(payload["state_dict"])
-    net.nnlab_metrics = dict(payload["metrics"])
-    return net.to(device).eval()
+    warn_moved("nnlab.quant.pretrained_quantised", "nnlab.recipes.pretrained_quantised")
+    return recipe(*args, **kwargs)
