@@ -16,7 +16,7 @@ of one training step with fake quantisation against fp32 (DDP step, this
 device), and checks that the final weights, masks and quantisation
 parameters are bit-identical on every rank.  The recipes (epochs, learning
 rates, batch size) are nnlab's: ``nnlab.cache.RECIPES``,
-``nnlab.distill.RECIPE`` and those of ``nnlab.quant.pretrained_quantised``.
+``nnlab.distill.RECIPE`` and those of ``nnlab.recipes.pretrained_quantised``.
 ``--batch-size`` is the global batch: each of N ranks takes 1/N of it, so
 the optimisation is the one a single process would do.
 

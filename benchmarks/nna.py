@@ -202,7 +202,7 @@ def main(argv=None) -> dict:
 
     # The compressed network: pruned (distillation) and quantised (random-subset retraining).
     sparsity, weight_bits = 0.95, 4
-    qmodel = nnlab.quant.pretrained_quantised("lenet5", weight_bits=weight_bits, act_bits=8, sparsity=sparsity,
+    qmodel = nnlab.recipes.pretrained_quantised("lenet5", weight_bits=weight_bits, act_bits=8, sparsity=sparsity,
                                               data=data, verbose=False)
     program = nna.compile_model(qmodel, name=f"LeNet-5 {sparsity:.0%} sparse, {weight_bits}-bit")
     agree = nna.agreement(program, qmodel, data)
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     sim_ips, torch_ips = _images_per_s(program, base, data, pick(full=7, quick=3), 3)
 
     # The explorer: from the same sparse network compiled at 16-bit weights.
-    wide = nna.compile_model(nnlab.quant.quantise_model(nnlab.distill.pretrained_sparse(
+    wide = nna.compile_model(nnlab.quant.quantise_model(nnlab.recipes.pretrained_sparse(
         "lenet5", sparsity, data=data, verbose=False), data, 16, 8))
     explorer = NNAExplorer(wide, data)
     explorer.update()

@@ -6,7 +6,8 @@ Modules, in the order the course uses them:
 * :mod:`nnlab.data`: MNIST (offline subset or torchvision), Fashion-MNIST, CIFAR-10;
 * :mod:`nnlab.models`: LeNet-300-100, LeNet-5, a small VGG, and ``summary``;
 * :mod:`nnlab.train`: ``fit`` and ``evaluate``;
-* :mod:`nnlab.cache`: trained baselines, trained once and cached.
+* :mod:`nnlab.cache`: trained baselines, trained once and cached;
+* :mod:`nnlab.recipes`: pruned and retrained networks, made once and cached.
 
 ``import nnlab`` is light: PyTorch loads with the first submodule that needs
 it, and the thread count (``NNLAB_THREADS``) is applied the moment it does.
@@ -24,7 +25,7 @@ __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pic
 config.apply_threads_when_torch_loads()
 
 _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
-               "nna", "checks", "pipeline", "cli", "distributed", "graph", "export"}
+               "nna", "checks", "pipeline", "cli", "distributed", "graph", "export", "recipes", "base"}
 
 
 def __getattr__(name):
