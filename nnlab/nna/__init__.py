@@ -42,13 +42,15 @@ import types
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS"),
+    "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS",
+               "WEIGHT_FORMATS", "SERIES2NX_HUFFMAN"),
     "program": ("Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
                 "ConcatLayer"),
     "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
                  "torch_linear_kernel"),
     "torch_int8": ("quantise_torch_int8", "layer_outputs"),
     "engine": ("run", "predict", "Result", "MODES", "AccumulatorOverflowWarning", "overflow_message"),
+    "entropy": ("huffman_code_lengths",),
     "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),
     "storage": ("save", "load", "read_header", "storage_bytes", "ProgramFileError"),
     "report": ("report", "layer_costs", "summary"),
