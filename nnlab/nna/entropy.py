@@ -48,9 +48,9 @@ TABLE_PREFIX = 5
 def huffman_code_lengths(counts) -> np.ndarray:
     """The code length of every symbol in an optimal prefix code for these counts (Huffman's algorithm).
 
-    The two least frequent groups of symbols are merged repeatedly (ties
-    broken by the order of creation, so the result is deterministic); each
-    merge adds one bit to the codes of every symbol in both groups.
+    The two least frequent subtrees are merged repeatedly into one (ties
+    broken by the order of creation, so the result is deterministic); a
+    symbol's code length is the depth of its leaf in the final tree.
 
     Args:
         counts: 1-D array of non-negative integers, ``counts[s]`` = how
@@ -74,16 +74,21 @@ def huffman_code_lengths(counts) -> np.ndarray:
     if used.size == 1:
         lengths[used] = 1
         return lengths
-    heap = [(int(counts[s]), i, [int(s)]) for i, s in enumerate(used)]
+    # Nodes 0 .. m-1 are the leaves (the used symbols); each merge creates the next node.
+    heap = [(int(counts[s]), node) for node, s in enumerate(used)]
     heapq.heapify(heap)
-    order = len(heap)
+    parent = [0] * max(2 * used.size - 1, 0)
+    new = used.size
     while len(heap) > 1:
-        count_a, _, group_a = heapq.heappop(heap)
-        count_b, _, group_b = heapq.heappop(heap)
-        lengths[group_a] += 1
-        lengths[group_b] += 1
-        heapq.heappush(heap, (count_a + count_b, order, group_a + group_b))
-        order += 1
+        count_a, a = heapq.heappop(heap)
+        count_b, b = heapq.heappop(heap)
+        parent[a] = parent[b] = new
+        heapq.heappush(heap, (count_a + count_b, new))
+        new += 1
+    depth = [0] * len(parent)
+    for node in range(len(parent) - 2, -1, -1):  # the root is the last node; a parent comes after its children
+        depth[node] = depth[parent[node]] + 1
+    lengths[used] = depth[: used.size]
     return lengths
 
 
