@@ -43,6 +43,8 @@ def test_huffman_single_symbol_and_empty():
     table, codes = entropy.encode(np.full(100, 5), 16)
     assert codes.size == 13  # one bit per symbol
     np.testing.assert_array_equal(entropy.decode(table, codes, 100), np.full(100, 5))
+    with pytest.raises(ValueError, match="no valid code"):  # the lone code is 0: a 1 bit is no code
+        entropy.decode(table, np.array([0xFF], np.uint8), 8)
     table, codes = entropy.encode([], 16)
     assert codes.size == 0 and entropy.decode(table, codes, 0).size == 0
     with pytest.raises(ValueError, match="damaged Huffman stream"):

@@ -231,14 +231,15 @@ def decode(table, codes, count: int) -> np.ndarray:
     order = sorted(np.flatnonzero(lengths).tolist(), key=lambda s: (lengths[s], s))  # canonical order
     sorted_symbols = np.array(order, np.int64)
     per_length = np.bincount(lengths[lengths > 0], minlength=longest + 1)
-    bits = np.unpackbits(codes).astype(np.int64)
+    word = np.int32 if longest < 31 else np.int64  # halves the memory of the per-bit arrays below
+    bits = np.unpackbits(codes).astype(word)
     n_bits = bits.size
-    padded = np.concatenate([bits, np.zeros(longest, np.int64)])
-    window = np.zeros(n_bits, np.int64)  # the `longest` bits starting at each position
+    padded = np.concatenate([bits, np.zeros(longest, word)])
+    window = np.zeros(n_bits, word)  # the `longest` bits starting at each position
     for j in range(longest):
         window = (window << 1) | padded[j: j + n_bits]
     symbol_at = np.full(n_bits, -1, np.int64)
-    length_at = np.zeros(n_bits, np.int64)
+    length_at = np.zeros(n_bits, np.int8)
     first, offset = 0, 0  # first code of this length; codes of shorter lengths
     for length in range(1, longest + 1):
         prefix = window >> (longest - length)
