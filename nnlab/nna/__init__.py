@@ -7,16 +7,18 @@ Three separate things, as in SCALE-Sim and Timeloop:
 
 * the **hardware**, :mod:`nnlab.nna.config`: :class:`NNAConfig` (MACs per
   clock by bit-depth, clock, DRAM bandwidth, buffer, accumulator width,
-  packing, sparse formats) and the Horowitz 2014 :class:`EnergyTable`;
-  presets :data:`SERIES2NX` and :data:`FP32_BASELINE`;
+  packing, weight formats, Huffman decoder) and the Horowitz 2014
+  :class:`EnergyTable`; presets :data:`SERIES2NX`, :data:`SERIES2NX_HUFFMAN`
+  (weights may also be Huffman-coded) and :data:`FP32_BASELINE`;
 * the **workload**, a :class:`Program`: a graph of integer layers, each on
   its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
   compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
   quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
   by PyTorch's own int8 flow, eager or FX (:func:`compile_torch_int8`, with
   :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
-  integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed and stored
-  (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
+  integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed or
+  entropy-coded and stored (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.entropy`,
+  :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
 * the **report** (:mod:`nnlab.nna.report`: :func:`report`), a pandas table per
   layer and in total against the fp32 dense network.
 
