@@ -64,11 +64,11 @@ OVERFLOW_COLUMNS = ["saturated", "sum_bits"]
 #: The columns of :func:`report`.
 COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
            "padding_B", "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B",
-           "energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio",
+           "energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "decode_symbols", "cycles_decode",
+           "energy_decode_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio",
            "cycles_compute", "cycles_memory", "cycles", "bound", "latency_us", "fp32_latency_us"]
-#: The columns of :func:`decode_costs`, also in :func:`layer_costs` and :func:`report` (after ``energy_dram_nJ``).
+#: The columns of :func:`decode_costs`, also in :func:`layer_costs` and :func:`report`.
 DECODE_COLUMNS = ["decode_symbols", "cycles_decode", "energy_decode_nJ"]
-COLUMNS[COLUMNS.index("energy_dram_nJ") + 1:COLUMNS.index("energy_dram_nJ") + 1] = DECODE_COLUMNS
 
 
 def _prod(shape) -> int:
