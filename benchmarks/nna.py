@@ -14,6 +14,10 @@ On LeNet-5 and the offline MNIST test set (1,000 images), one thread:
 * ``fp32_bytes`` / ``packed_bytes`` / ``compression``, ``energy_fp32_uj`` /
   ``energy_nna_uj`` / ``energy_ratio``: from :func:`nnlab.nna.report` on the
   Series2NX-like preset against fp32 dense on the same accelerator;
+* ``entropy_bytes`` / ``compression_entropy`` / ``energy_entropy_uj`` /
+  ``latency_entropy_us``: the same program with Huffman-coded weights where
+  they are smaller (:data:`nnlab.nna.SERIES2NX_HUFFMAN`, decoding included),
+  and ``latency_nna_us`` without them;
 * ``sim_images_per_s`` / ``torch_fp32_images_per_s`` / ``speed_ratio``: the
   simulator against PyTorch fp32 eager inference of the same LeNet-5, batch
   256, one thread, best of interleaved repeats in one run;
@@ -207,6 +211,7 @@ def main(argv=None) -> dict:
     program = nna.compile_model(qmodel, name=f"LeNet-5 {sparsity:.0%} sparse, {weight_bits}-bit")
     agree = nna.agreement(program, qmodel, data)
     summary = nna.summary(nna.report(program, nna.SERIES2NX))
+    entropy = nna.summary(nna.report(program, nna.SERIES2NX_HUFFMAN))
 
     # Speed: batch 256, one thread, interleaved so that both see the same machine load.
     sim_ips, torch_ips = _images_per_s(program, base, data, pick(full=7, quick=3), 3)
@@ -227,6 +232,11 @@ def main(argv=None) -> dict:
         "fp32_bytes": summary["fp32_bytes"],
         "packed_bytes": summary["storage_bytes"],
         "compression": summary["compression"],
+        "entropy_bytes": entropy["storage_bytes"],
+        "compression_entropy": entropy["compression"],
+        "energy_entropy_uj": entropy["energy_uj"],
+        "latency_nna_us": summary["latency_us"],
+        "latency_entropy_us": entropy["latency_us"],
         "energy_fp32_uj": summary["fp32_energy_uj"],
         "energy_nna_uj": summary["energy_uj"],
         "energy_ratio": summary["energy_ratio"],

@@ -150,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--act-bits", type=_ranged_int("--act-bits", 2, 16), default=8, help="activation bit-depth")
     c.add_argument("--method", choices=["random_subset", "ste"], default="random_subset",
                    help="low-bit retraining: growing random subset, or straight-through on every weight")
-    c.add_argument("--hardware", choices=["series2nx"], default="series2nx", help="accelerator preset")
+    c.add_argument("--hardware", choices=["series2nx", "series2nx-huffman"], default="series2nx",
+                   help="accelerator preset (series2nx-huffman: weights may also be stored Huffman-coded)")
     c.add_argument("--device", default="cpu", help="where to train: cpu, cuda, cuda:N or auto")
     c.add_argument("--seed", type=_ranged_int("--seed", 0, 2**31 - 1), default=0, help="seed of every training run")
     c.add_argument("--quick", action="store_true", help="quick mode: fewer epochs (also on when NNLAB_QUICK=1)")

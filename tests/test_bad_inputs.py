@@ -1239,7 +1239,8 @@ def test_cli_range_checks_answer_without_loading_torch(args):
 def test_importing_the_hardware_description_loads_no_torch():
     proc = _python("import sys\nfrom nnlab.nna import PRESETS, NNAConfig, SERIES2NX\n"
                    "print(sorted(PRESETS), 'torch' in sys.modules, 'pandas' in sys.modules)")
-    assert proc.returncode == 0 and proc.stdout.split() == ["['fp32',", "'series2nx']", "False", "False"], proc
+    assert proc.returncode == 0 and proc.stdout.split() == ["['fp32',", "'series2nx',", "'series2nx-huffman']", "False",
+                                                  "False"], proc
 
 
 def test_nna_names_resolve_lazily_to_the_same_objects():

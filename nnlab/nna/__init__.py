@@ -7,16 +7,18 @@ Three separate things, as in SCALE-Sim and Timeloop:
 
 * the **hardware**, :mod:`nnlab.nna.config`: :class:`NNAConfig` (MACs per
   clock by bit-depth, clock, DRAM bandwidth, buffer, accumulator width,
-  packing, sparse formats) and the Horowitz 2014 :class:`EnergyTable`;
-  presets :data:`SERIES2NX` and :data:`FP32_BASELINE`;
+  packing, weight formats, Huffman decoder) and the Horowitz 2014
+  :class:`EnergyTable`; presets :data:`SERIES2NX`, :data:`SERIES2NX_HUFFMAN`
+  (weights may also be Huffman-coded) and :data:`FP32_BASELINE`;
 * the **workload**, a :class:`Program`: a graph of integer layers, each on
   its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
   compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
   quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
   by PyTorch's own int8 flow, eager or FX (:func:`compile_torch_int8`, with
   :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
-  integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed and stored
-  (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
+  integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed or
+  entropy-coded and stored (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.entropy`,
+  :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
 * the **report** (:mod:`nnlab.nna.report`: :func:`report`), a pandas table per
   layer and in total against the fp32 dense network.
 
@@ -42,13 +44,15 @@ import types
 
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
-    "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS"),
+    "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS",
+               "WEIGHT_FORMATS", "SERIES2NX_HUFFMAN"),
     "program": ("Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
                 "ConcatLayer"),
     "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
                  "torch_linear_kernel"),
     "torch_int8": ("quantise_torch_int8", "layer_outputs"),
     "engine": ("run", "predict", "Result", "MODES", "AccumulatorOverflowWarning", "overflow_message"),
+    "entropy": ("huffman_code_lengths",),
     "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),
     "storage": ("save", "load", "read_header", "storage_bytes", "ProgramFileError"),
     "report": ("report", "layer_costs", "summary"),

@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 
 from .._args import check_choice, check_float, check_int, check_positive_int
 
-__all__ = ["EnergyTable", "NNAConfig", "PACKINGS", "SPARSE_FORMATS", "SERIES2NX", "FP32_BASELINE", "PRESETS",
-           "HOROWITZ_2014"]
+__all__ = ["EnergyTable", "NNAConfig", "PACKINGS", "SPARSE_FORMATS", "WEIGHT_FORMATS", "SERIES2NX",
+           "SERIES2NX_HUFFMAN", "FP32_BASELINE", "PRESETS", "HOROWITZ_2014"]
 
 #: How values are laid out in memory: ``"dense"`` is one continuous bitstream (a 5-bit value may
 #: straddle two bytes); ``"word16"`` packs ``16 // bits`` values into each 16-bit word, so no
@@ -62,6 +62,11 @@ PACKINGS = ("dense", "word16")
 #: mask plus the non-zero values (``"bitmask"``), or the non-zero values each with the number of
 #: zeros before it (``"runlength"``, the relative index of Deep Compression and EIE).
 SPARSE_FORMATS = ("dense", "bitmask", "runlength")
+#: Every weight storage format: the fixed-width ones above, and ``"huffman"``: the weight codes
+#: and the run-length gaps entropy-coded (canonical Huffman, :mod:`nnlab.nna.entropy`), smaller
+#: but decoded symbol by symbol before the MACs can use them.  A config lists those it may use
+#: in ``sparse_formats``; the presets other than :data:`SERIES2NX_HUFFMAN` leave Huffman out.
+WEIGHT_FORMATS = SPARSE_FORMATS + ("huffman",)
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,9 @@ class EnergyTable:
         fp32_add, fp32_mult: 32-bit floating-point addition and multiplication (pJ).
         sram_8kb, sram_32kb, sram_1mb: reading 64 bits from an SRAM of 8 KB, 32 KB, 1 MB (pJ).
         dram_64b: reading or writing 64 bits of DRAM (pJ); Horowitz gives 1.3-2.6 nJ, we take the middle.
+        decode_symbol: decoding one Huffman symbol (pJ): a table-driven decoder does one lookup
+            in its code table per symbol, costed as one 64-bit read of an 8 KB SRAM (Horowitz's
+            smallest memory, so an upper bound for a table of a few hundred entries).
         source: where the figures come from.
     """
 
@@ -89,6 +97,7 @@ class EnergyTable:
     sram_32kb: float = 20.0
     sram_1mb: float = 100.0
     dram_64b: float = 1950.0
+    decode_symbol: float = 10.0
     source: str = "M. Horowitz, Computing's energy problem (and what we can do about it), ISSCC 2014, 45 nm"
 
     def __post_init__(self):
@@ -167,7 +176,13 @@ class NNAConfig:
             against it and saturate).
         min_bits, max_bits: bit-depths the datapath supports per layer.
         packing: ``"dense"`` or ``"word16"`` (see :data:`PACKINGS`).
-        sparse_formats: weight storage formats it may use (see :data:`SPARSE_FORMATS`).
+        sparse_formats: weight storage formats it may use, the smallest chosen per layer
+            (drawn from :data:`WEIGHT_FORMATS`; default the fixed-width :data:`SPARSE_FORMATS`).
+        decode_symbols_per_cycle: Huffman symbols (weight codes and gaps) the decoder
+            turns back into fixed-width values per clock, for layers stored ``"huffman"``;
+            default 1, a single table-driven decoder (a code's end is known only once it is
+            decoded, so one decoder is sequential).  The layer waits for its weights to be
+            decoded: see :mod:`nnlab.nna.report`.
         skip_zeros: the MAC array skips zero weights (ideal: no cycle or
             energy is spent on them).
         arithmetic: ``"int"`` (integer MACs) or ``"fp32"`` (floating point,
@@ -186,6 +201,7 @@ class NNAConfig:
     max_bits: int = 16
     packing: str = "dense"
     sparse_formats: tuple = SPARSE_FORMATS
+    decode_symbols_per_cycle: float = 1.0
     skip_zeros: bool = True
     arithmetic: str = "int"
     energy: EnergyTable = field(default_factory=EnergyTable)
@@ -201,10 +217,11 @@ class NNAConfig:
         check_int("max_bits", self.max_bits, minimum=self.min_bits, maximum=32)
         check_choice("packing", self.packing, PACKINGS)
         if isinstance(self.sparse_formats, str) or not self.sparse_formats:
-            raise ValueError(f"sparse_formats must be a non-empty tuple drawn from {SPARSE_FORMATS}, "
+            raise ValueError(f"sparse_formats must be a non-empty tuple drawn from {WEIGHT_FORMATS}, "
                              f"got {self.sparse_formats!r}")
         for f in self.sparse_formats:
-            check_choice("sparse_formats entry", f, SPARSE_FORMATS)
+            check_choice("sparse_formats entry", f, WEIGHT_FORMATS)
+        check_float("decode_symbols_per_cycle", self.decode_symbols_per_cycle, low=0.0, low_open=True)
         object.__setattr__(self, "sparse_formats", tuple(self.sparse_formats))
         check_choice("arithmetic", self.arithmetic, ("int", "fp32"))
         if not isinstance(self.energy, EnergyTable):
@@ -263,9 +280,14 @@ class NNAConfig:
 #: accumulators, 8-bit multiplier lanes, dense bitstream packing and ideal zero skipping.
 SERIES2NX = NNAConfig()
 
+#: The Series2NX-like accelerator with a Huffman decoder in front of its MAC array: each layer's
+#: weights are stored in the smallest of the fixed-width formats and the entropy-coded one
+#: (``"huffman"``), at one decoded symbol per clock.  An assumption of nnlab, not a product.
+SERIES2NX_HUFFMAN = SERIES2NX.replace(name="Series2NX-like NNA + Huffman", sparse_formats=WEIGHT_FORMATS)
+
 #: The comparison point: the same memories and clock, 32-bit floating-point MACs on dense
 #: weights stored as float32 (no packing, no zero skipping).
 FP32_BASELINE = SERIES2NX.as_fp32()
 
 #: The presets by name.
-PRESETS = {"series2nx": SERIES2NX, "fp32": FP32_BASELINE}
+PRESETS = {"series2nx": SERIES2NX, "series2nx-huffman": SERIES2NX_HUFFMAN, "fp32": FP32_BASELINE}

@@ -13,7 +13,7 @@ function takes ``bits`` and ``signed``, a :class:`~nnlab.quant.Grid` (or
 :class:`~nnlab.quant.QuantSpec`) may stand for both: its bit-depth and sign
 are what is stored.
 
-Three weight formats (:data:`nnlab.nna.config.SPARSE_FORMATS`), all in the
+Four weight formats (:data:`nnlab.nna.config.WEIGHT_FORMATS`), all in the
 weight's row-major order:
 
 * ``"dense"``: every weight, zeros included;
@@ -22,9 +22,25 @@ weight's row-major order:
   it in an ``index_bits``-bit field (the relative index of Deep Compression
   and EIE); a gap longer than ``2**index_bits - 1`` costs a filler entry (a
   stored zero with the largest gap).  Trailing zeros need no entry.
+* ``"huffman"``: entropy-coded (:mod:`nnlab.nna.entropy`).  With an index
+  width ``index_bits`` of 1..16, the run-length entries above, whose gaps
+  and values are each Huffman-coded (two code-length tables, two coded
+  streams: ``"index_table"``, ``"index"``, ``"values_table"``,
+  ``"values"``); with ``index_bits`` 0, every weight Huffman-coded (no
+  index; for dense layers).  A value ``v`` is coded as its zigzag symbol
+  (0, -1, 1, -2, 2 ... become 0, 1, 2, 3, 4 ...), so that small magnitudes
+  are small symbols and the code-length table ends early.  The streams are bitstreams whatever the packing
+  policy, and the tables count as index information.
 
-:func:`encode_weights` tries every allowed format (and every index width from
-1 to 8 bits) and keeps the smallest; :func:`decode_weights` inverts it.
+The first three are the *fixed-width* formats (:data:`nnlab.nna.config.SPARSE_FORMATS`):
+an accelerator reads them with shifts and masks.  Huffman codes have
+variable lengths and must be decoded one after the other before the MACs
+use them (see :mod:`nnlab.nna.report` for what that costs).
+
+:func:`encode_weights` tries every allowed format (and every index width:
+1 to 8 bits for ``"runlength"``, 0 and 1 to the widest gap's width, at most
+16, for ``"huffman"``) and keeps the smallest; :func:`decode_weights`
+inverts it.
 """
 
 from __future__ import annotations
@@ -34,13 +50,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._args import check_choice, check_int
-from .config import PACKINGS, SPARSE_FORMATS
+from . import entropy
+from .config import PACKINGS, SPARSE_FORMATS, WEIGHT_FORMATS
 
 __all__ = ["pack", "unpack", "packed_bytes", "bit_layout", "EncodedWeights", "encode_weights",
            "decode_weights", "runlength_gaps", "INDEX_BITS"]
 
 #: Index widths tried for the run-length format.
 INDEX_BITS = range(1, 9)
+#: The widest gap field of the Huffman format (its code-length table grows with the alphabet).
+HUFFMAN_MAX_INDEX_BITS = 16
 
 
 def _bits_signed(bits, signed):
@@ -214,16 +233,20 @@ class EncodedWeights:
     """A layer's weights as stored in memory.
 
     Attributes:
-        format: ``"dense"``, ``"bitmask"`` or ``"runlength"``.
+        format: ``"dense"``, ``"bitmask"``, ``"runlength"`` or ``"huffman"``.
         bits: bits per weight value (two's complement).
-        index_bits: gap field width (``"runlength"``), else 0.
+        index_bits: gap field width (``"runlength"``; for ``"huffman"``
+            the largest gap symbol's width, 0 when every weight is coded), else 0.
         count: number of weights in the layer.
         entries: number of values stored (all weights, the non-zeros, or
             non-zeros plus fillers).
         streams: name -> uint8 array, in file order: ``"mask"`` or
-            ``"index"`` (if any), then ``"values"``.
+            ``"index"`` (if any), then ``"values"``; ``"huffman"`` puts
+            each coded stream after its code-length table
+            (``"index_table"``, ``"index"``, ``"values_table"``, ``"values"``).
         payload_bits: bits of weight values actually stored.
-        index_bits_total: bits of index information (mask or gaps).
+        index_bits_total: bits of index information (mask or gaps; for
+            ``"huffman"`` also both code-length tables).
         padding_bits: bits of packing waste (ends of bytes or words).
     """
 
@@ -242,8 +265,66 @@ class EncodedWeights:
         """Total bytes of all streams."""
         return sum(s.size for s in self.streams.values())
 
+    @property
+    def decoded_symbols(self) -> int:
+        """Huffman symbols the hardware decodes to read the layer: every value and every gap (0 unless ``"huffman"``)."""
+        if self.format != "huffman":
+            return 0
+        return self.entries * (2 if self.index_bits else 1)
+
+
+def _huffman_symbols(flat, bits, index_bits):
+    """``(gaps, value symbols)`` the Huffman format codes: gaps None when ``index_bits`` is 0 (every weight)."""
+    if index_bits == 0:
+        gaps, values = None, flat
+    else:
+        gaps, values = runlength_gaps(flat, index_bits)
+    return gaps, (values << 1) ^ (values >> 63)  # zigzag: 0, -1, 1, -2 ... -> 0, 1, 2, 3 ... (< 2**bits)
+
+
+def _coded_sizes(symbols, alphabet):
+    """``(table bytes, coded bits)`` of one Huffman-coded stream, from the symbol counts alone."""
+    counts = np.bincount(symbols, minlength=alphabet)
+    lengths = entropy.huffman_code_lengths(counts)
+    return entropy.table_bytes(lengths), entropy.coded_bits(counts, lengths)
+
+
+def _huffman_size(flat, bits, index_bits):
+    """Bytes of the Huffman format without building it: tables plus coded streams."""
+    size = 0
+    for symbols, alphabet in zip(_huffman_symbols(flat, bits, index_bits), (1 << index_bits, 1 << bits)):
+        if symbols is not None:
+            table, coded = _coded_sizes(symbols, alphabet)
+            size += table + (coded + 7) // 8
+    return size
+
+
+def _huffman_index_widths(flat):
+    """Index widths worth trying: 0 (no index), and 1 up to the widest gap's width (wider changes nothing)."""
+    positions = np.flatnonzero(flat)
+    if positions.size == 0:
+        return (0, 1)
+    widest = int((np.diff(np.concatenate([[-1], positions])) - 1).max())
+    return (0,) + tuple(range(1, min(max(widest.bit_length(), 1), HUFFMAN_MAX_INDEX_BITS) + 1))
+
+
+def _encode_huffman(flat, bits, index_bits):
+    gaps, values = _huffman_symbols(flat, bits, index_bits)
+    streams, index_total = {}, 0
+    if gaps is not None:
+        streams["index_table"], streams["index"] = entropy.encode(gaps, 1 << index_bits)
+        index_total = 8 * streams["index_table"].size + _coded_sizes(gaps, 1 << index_bits)[1]
+    streams["values_table"], streams["values"] = entropy.encode(values, 1 << bits)
+    index_total += 8 * streams["values_table"].size
+    payload = _coded_sizes(values, 1 << bits)[1]
+    total = 8 * sum(s.size for s in streams.values())
+    return EncodedWeights("huffman", bits, index_bits, flat.size, values.size, streams, payload, index_total,
+                          total - payload - index_total)
+
 
 def _encode(flat, fmt, bits, index_bits, policy):
+    if fmt == "huffman":
+        return _encode_huffman(flat, bits, index_bits)
     if fmt == "dense":
         streams = {"values": pack(flat, bits, True, policy)}
         entries, index_total = flat.size, 0
@@ -263,6 +344,8 @@ def _encode(flat, fmt, bits, index_bits, policy):
 
 def _size(flat, nnz, fmt, bits, index_bits, policy):
     """Bytes of a format without building it (the search below tries many)."""
+    if fmt == "huffman":
+        return _huffman_size(flat, bits, index_bits)
     if fmt == "dense":
         return packed_bytes(flat.size, bits, policy)
     if fmt == "bitmask":
@@ -279,15 +362,22 @@ def encode_weights(codes, bits, formats=SPARSE_FORMATS, policy: str = "dense") -
     Args:
         codes: integer weight array (signed, fits in ``bits`` bits).
         bits: bits per weight (1..16), or the weights' Grid (a signed one).
-        formats: formats allowed (a subset of ``("dense", "bitmask", "runlength")``).
+        formats: formats allowed (a subset of :data:`~nnlab.nna.config.WEIGHT_FORMATS`:
+            ``"dense"``, ``"bitmask"``, ``"runlength"``, ``"huffman"``); default
+            the fixed-width three.
         policy: ``"dense"`` or ``"word16"`` packing.
 
     Returns:
         The smallest :class:`EncodedWeights` (ties: the earlier format in
         ``formats``, the smaller index width).
+
+    Raises:
+        ValueError: an unknown format, an unsigned grid, a bad bits/policy.
     """
+    if isinstance(formats, str) or not formats:
+        raise ValueError(f"formats must be a non-empty tuple drawn from {WEIGHT_FORMATS}, got {formats!r}")
     for f in formats:
-        check_choice("formats entry", f, SPARSE_FORMATS)
+        check_choice("formats entry", f, WEIGHT_FORMATS)
     bits, signed = _bits_signed(bits, True)
     if not signed:
         raise ValueError("weights are stored signed; got an unsigned grid")
@@ -295,8 +385,9 @@ def encode_weights(codes, bits, formats=SPARSE_FORMATS, policy: str = "dense") -
     flat = np.asarray(codes).reshape(-1).astype(np.int64)
     nnz = int(np.count_nonzero(flat))
     best = None
+    widths = {"runlength": INDEX_BITS, "huffman": _huffman_index_widths(flat) if "huffman" in formats else ()}
     for fmt in formats:
-        for ib in (INDEX_BITS if fmt == "runlength" else (0,)):
+        for ib in widths.get(fmt, (0,)):
             size = _size(flat, nnz, fmt, bits, ib, policy)
             if best is None or size < best[0]:
                 best = (size, fmt, ib)
@@ -315,6 +406,8 @@ def decode_weights(enc: EncodedWeights, shape, policy: str = "dense") -> np.ndar
         An int32 array of ``shape``.
     """
     n = enc.count
+    if enc.format == "huffman":
+        return _decode_huffman(enc).reshape(shape)
     values = unpack(enc.streams["values"], enc.entries, enc.bits, True, policy).astype(np.int32)
     if enc.format == "dense":
         flat = values
@@ -328,3 +421,22 @@ def decode_weights(enc: EncodedWeights, shape, policy: str = "dense") -> np.ndar
         flat = np.zeros(n, np.int32)
         flat[positions] = values  # fillers write a zero, harmlessly
     return flat.reshape(shape)
+
+
+def _decode_huffman(enc: EncodedWeights) -> np.ndarray:
+    """The flat int32 weights of a ``"huffman"`` layer: decode the value symbols (and gaps), sign-extend, scatter."""
+    u = entropy.decode(enc.streams["values_table"], enc.streams["values"], enc.entries)
+    if u.size and u.max() >= 1 << enc.bits:
+        raise ValueError(f"damaged Huffman stream: a value symbol {int(u.max())} does not fit in {enc.bits} bits")
+    values = ((u >> 1) ^ -(u & 1)).astype(np.int32)  # zigzag back: 0, 1, 2, 3 ... -> 0, -1, 1, -2 ...
+    if enc.index_bits == 0:
+        if values.size != enc.count:
+            raise ValueError(f"a Huffman layer without index holds every weight: {enc.count}, got {values.size}")
+        return values
+    gaps = entropy.decode(enc.streams["index_table"], enc.streams["index"], enc.entries)
+    positions = np.cumsum(gaps + 1) - 1
+    if positions.size and positions[-1] >= enc.count:
+        raise ValueError(f"damaged Huffman stream: the gaps reach weight {int(positions[-1])} of {enc.count}")
+    flat = np.zeros(enc.count, np.int32)
+    flat[positions] = values  # fillers write a zero, harmlessly
+    return flat

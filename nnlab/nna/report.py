@@ -34,6 +34,15 @@ once here:
 * **Time** (roofline): ``compute cycles = MACs / macs_per_cycle(bits)``,
   ``memory cycles = DRAM bytes / bytes per cycle``; a layer takes the larger
   (compute and transfers overlap) and is "compute"- or "memory"-bound.
+* **Decoding** (:func:`decode_costs`): a layer stored ``"huffman"`` must be
+  decoded before its MACs can use the weights, one variable-length code
+  after the other: ``decode_symbols`` (every coded value and gap),
+  ``cycles_decode = decode_symbols / decode_symbols_per_cycle`` added to
+  the layer's cycles (the decoder runs before the layer computes, so it
+  does not overlap), and ``energy_decode_nJ = decode_symbols x
+  decode_symbol`` pJ added to its energy; a layer whose decoding takes
+  longer than its compute and its transfers is "decode"-bound.  Other
+  formats decode for free.
 """
 
 from __future__ import annotations
@@ -48,15 +57,18 @@ from .config import SERIES2NX, NNAConfig
 from .program import FlattenLayer, InputLayer, Program, WeightLayer
 from .storage import encode_layer, parameter_bytes
 
-__all__ = ["report", "layer_costs", "summary", "COLUMNS", "OVERFLOW_COLUMNS"]
+__all__ = ["report", "layer_costs", "decode_costs", "summary", "COLUMNS", "OVERFLOW_COLUMNS", "DECODE_COLUMNS"]
 
 #: The columns :func:`report` adds when given a run's saturation counts.
 OVERFLOW_COLUMNS = ["saturated", "sum_bits"]
 #: The columns of :func:`report`.
 COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
            "padding_B", "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B",
-           "energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio",
+           "energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "decode_symbols", "cycles_decode",
+           "energy_decode_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio",
            "cycles_compute", "cycles_memory", "cycles", "bound", "latency_us", "fp32_latency_us"]
+#: The columns of :func:`decode_costs`, also in :func:`layer_costs` and :func:`report`.
+DECODE_COLUMNS = ["decode_symbols", "cycles_decode", "energy_decode_nJ"]
 
 
 def _prod(shape) -> int:
@@ -79,7 +91,9 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
         ``storage_B``, ``macs_dense``, ``macs``, ``dram_B``, ``sram_B``,
         ``energy_mac_nJ``, ``energy_sram_nJ``, ``energy_dram_nJ``,
         ``energy_nJ``, ``cycles_compute``, ``cycles_memory``, ``cycles``,
-        ``bound``, ``latency_us``.
+        ``bound``, ``latency_us``, and the :data:`DECODE_COLUMNS` of
+        :func:`decode_costs` (already added into ``energy_nJ``, ``cycles``
+        and ``latency_us``).
     """
     if not isinstance(program, Program):
         raise TypeError(f"program must be a nnlab.nna Program, got {type(program).__name__}")
@@ -151,7 +165,49 @@ def layer_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame
         row["latency_us"] = row["cycles"] / config.clock_hz * 1e6
         rows.append(row)
         bits[layer.name] = out_bits
-    return pd.DataFrame(rows)
+    return _add_decode_costs(pd.DataFrame(rows), decode_costs(program, config), config)
+
+
+def decode_costs(program: Program, config: NNAConfig = SERIES2NX) -> pd.DataFrame:
+    """What decoding the Huffman-coded weights costs, per layer (zero for every other layer and format).
+
+    The decoder reads one variable-length code after the other (where a
+    code ends is known only once it is decoded), so it handles
+    ``config.decode_symbols_per_cycle`` symbols per clock, each at
+    ``config.energy.decode_symbol`` pJ.  Every stored value and, for a
+    layer with an index, every stored gap is one symbol
+    (:attr:`~nnlab.nna.packing.EncodedWeights.decoded_symbols`).
+
+    Args:
+        program: a compiled program.
+        config: the accelerator (an fp32 config decodes nothing).
+
+    Returns:
+        DataFrame, one row per layer of ``program``: ``layer`` and
+        :data:`DECODE_COLUMNS` (``decode_symbols``, ``cycles_decode``,
+        ``energy_decode_nJ``).
+    """
+    rows = []
+    for layer in program.layers:
+        symbols = 0
+        if isinstance(layer, WeightLayer) and config.arithmetic == "int" and "huffman" in config.sparse_formats:
+            symbols = encode_layer(layer, config).decoded_symbols
+        rows.append({"layer": layer.name, "decode_symbols": symbols,
+                     "cycles_decode": symbols / config.decode_symbols_per_cycle,
+                     "energy_decode_nJ": symbols * config.energy.decode_symbol / 1000})
+    return pd.DataFrame(rows, columns=["layer"] + DECODE_COLUMNS)
+
+
+def _add_decode_costs(table: pd.DataFrame, decode: pd.DataFrame, config: NNAConfig) -> pd.DataFrame:
+    """``table`` with the decode columns, their energy and cycles added to the layer's (the decoder runs first)."""
+    table = table.copy()
+    for column in DECODE_COLUMNS:
+        table[column] = decode[column].to_numpy()
+    table["energy_nJ"] = table["energy_nJ"] + table["energy_decode_nJ"]
+    table["cycles"] = table["cycles"] + table["cycles_decode"]
+    table["latency_us"] = table["cycles"] / config.clock_hz * 1e6
+    table.loc[table["cycles_decode"] > table[["cycles_compute", "cycles_memory"]].max(axis=1), "bound"] = "decode"
+    return table
 
 
 def _total(table: pd.DataFrame, label="total") -> dict:

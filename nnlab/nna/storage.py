@@ -3,7 +3,9 @@
 Per weight layer the memory holds:
 
 * the weights, encoded by :func:`nnlab.nna.packing.encode_weights` in the
-  smallest format the config allows (values, plus a mask or run-length index);
+  smallest format the config allows (values, plus a mask or run-length index;
+  or, where the config allows ``"huffman"``, Huffman-coded values and gaps,
+  each after the code-length table the decoder rebuilds its code from);
 * the parameters, per output channel: the int32 bias (4 bytes) and the
   float32 weight scale (4 bytes) from which the requantisation multiplier is
   derived; a model quantised by PyTorch also keeps its float32 bias (4 bytes),
@@ -24,7 +26,8 @@ File layout (little-endian), format version 3 (magic ``b"NNA3"``)::
               the table; for weights the spec) and other fields (shapes,
               clamps, format, stream sizes)
     then, for each weight layer in order: its weight streams (mask or index,
-              then values), then int32 bias, float32 weight scales and, when
+              then values; Huffman: index table, index, values table,
+              values), then int32 bias, float32 weight scales and, when
               present, float32 PyTorch bias.
 
 So ``file size = header_bytes + storage_bytes``, with
@@ -55,7 +58,7 @@ import numpy as np
 from ..base import atomic_write
 from ..quant.grid import Grid
 from ..quant.spec import QuantSpec
-from .config import SERIES2NX, NNAConfig
+from .config import SERIES2NX, WEIGHT_FORMATS, NNAConfig
 from .packing import EncodedWeights, decode_weights, encode_weights
 from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
 
@@ -315,6 +318,8 @@ def _layer(entry, grids, packing, take):
     fields = {f.name for f in dataclasses.fields(cls)}
     if cls is WeightLayer:
         enc_info, shape = entry.pop("encoding"), tuple(entry.pop("weight_shape"))
+        if enc_info["format"] not in WEIGHT_FORMATS:
+            raise ValueError(f"unknown weight format {enc_info['format']!r} (known: {', '.join(WEIGHT_FORMATS)})")
         has_bias_float = entry.pop("has_bias_float")
         spec = QuantSpec.from_dict(entry.pop("weight_spec"))
         streams = {name: take(size) for name, size in enc_info["streams"]}

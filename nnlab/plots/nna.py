@@ -16,9 +16,11 @@ _ENERGY = [("energy_mac_nJ", "MACs"), ("energy_sram_nJ", "SRAM"), ("energy_dram_
 REPORT_FORMATS = {
     "w_bits": "{:.0f}", "a_bits": "{:.0f}", "density": "{:.1%}",
     **{c: "{:,.0f}" for c in ("payload_B", "index_B", "params_B", "padding_B", "storage_B", "fp32_B", "macs_dense",
-                              "macs", "dram_B", "sram_B", "cycles_compute", "cycles_memory", "cycles")},
+                              "macs", "dram_B", "sram_B", "cycles_compute", "cycles_memory", "cycles",
+                              "decode_symbols", "cycles_decode")},
     "compression": "{:.1f}x", "energy_ratio": "{:.1f}x",
-    **{c: "{:,.1f}" for c in ("energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ")},
+    **{c: "{:,.1f}" for c in ("energy_mac_nJ", "energy_sram_nJ", "energy_dram_nJ", "energy_decode_nJ", "energy_nJ",
+                              "fp32_energy_nJ")},
     "latency_us": "{:.3f}", "fp32_latency_us": "{:.3f}", "saturated": "{:,.0f}", "sum_bits": "{:.0f}",
 }
 
@@ -75,8 +77,10 @@ def plot_nna_costs(table: pd.DataFrame, fig: Figure | None = None, log: bool = T
             ax.clear()
     x = np.arange(len(rows))
     width = 0.4
+    energy = _ENERGY + ([("energy_decode_nJ", "Huffman decoding")]  # only where some layer is Huffman-coded
+                        if "energy_decode_nJ" in rows and rows["energy_decode_nJ"].sum() > 0 else [])
     panels = [(axes[0], _BYTES, "fp32_B", "bytes stored"),
-              (axes[1], _ENERGY, "fp32_energy_nJ", "energy per inference (nJ)"),
+              (axes[1], energy, "fp32_energy_nJ", "energy per inference (nJ)"),
               (axes[2], [("latency_us", "NNA")], "fp32_latency_us", "latency (µs)")]
     for ax, parts, base_col, title in panels:
         ax.bar(x - width / 2, rows[base_col], width, color="0.75", label="fp32 dense")
