@@ -844,11 +844,11 @@ def test_truncated_program_files_are_refused(tmp_path, cut, message):
 
 
 @pytest.mark.parametrize("magic,message", [
-    (b"NNA1", "format 1, which this nnlab does not read (it reads format 3); compile and save the model again"),
+    (b"NNA1", "format 1, which this nnlab does not read (it reads formats 3 and 4); compile and save the model again"),
     (b"NNA2", "format 2, which this nnlab does not read"),
-    (b"NNA9", "unknown format b'9' (this nnlab reads format 3): a newer nnlab wrote it, or the file is damaged"),
+    (b"NNA9", "unknown format b'9' (this nnlab reads formats 3 and 4): a newer nnlab wrote it, or the file is damaged"),
     (b"NNA\xb3", "unknown format"),
-    (b"PK\x03\x04", "not a saved NNA program (it does not start with b'NNA3')"),
+    (b"PK\x03\x04", "not a saved NNA program (it does not start with b'NNA3' or b'NNA4')"),
 ])
 def test_other_format_versions_are_named(tmp_path, magic, message):
     path = tmp_path / "p.nna"

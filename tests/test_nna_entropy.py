@@ -1,5 +1,6 @@
 """Huffman-coded weight storage: exact round trips, sizes on file equal to the report's, and its decoding cost."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -125,6 +126,21 @@ def test_huffman_program_save_load_is_exact_and_sized_as_reported(pruned_program
         np.testing.assert_array_equal(a.weight, b.weight)
     images = np.concatenate([x.numpy() for x, _ in tiny_data.test])[:64]
     np.testing.assert_array_equal(nna.run(loaded, images).logits, nna.run(prog, images).logits)
+
+
+def test_huffman_files_carry_format_4_and_others_stay_format_3(pruned_program, tmp_path):
+    """An nnlab that predates Huffman coding refuses a file holding it (format 4) and still reads the others."""
+    nna.save(pruned_program, tmp_path / "h.nna", nna.SERIES2NX_HUFFMAN)
+    nna.save(pruned_program, tmp_path / "p.nna")
+    assert (tmp_path / "h.nna").read_bytes()[:4] == b"NNA4"
+    assert (tmp_path / "p.nna").read_bytes()[:4] == b"NNA3"
+    assert nna.load(tmp_path / "p.nna") == pruned_program
+    data = bytearray((tmp_path / "h.nna").read_bytes())
+    data[3:4] = b"3"  # a format-3 file claiming Huffman layers: refused, even with a valid checksum
+    rest = bytes(data[36:])
+    (tmp_path / "bad.nna").write_bytes(b"NNA3" + hashlib.sha256(rest).digest() + rest)
+    with pytest.raises(nna.storage.ProgramFileError, match="format 3 cannot hold Huffman-coded layers"):
+        nna.load(tmp_path / "bad.nna")
 
 
 def test_huffman_is_smaller_than_sparse_packing_on_a_pruned_lenet(pruned_program):

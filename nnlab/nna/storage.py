@@ -15,9 +15,10 @@ Per weight layer the memory holds:
 (:func:`storage_bytes`) plus a small header; :func:`load` returns an
 identical :class:`~nnlab.nna.program.Program`.
 
-File layout (little-endian), format version 3 (magic ``b"NNA3"``)::
+File layout (little-endian), format version 3 (magic ``b"NNA3"``), or 4
+(``b"NNA4"``) when a layer's weights are Huffman-coded::
 
-    4 bytes   magic b"NNA3"
+    4 bytes   magic b"NNA3" or b"NNA4"
     32 bytes  SHA-256 of everything after it (the length, the header and the body)
     4 bytes   uint32: length L of the JSON header
     L bytes   JSON header: program name and source, the packing, the table
@@ -65,9 +66,13 @@ from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer,
 __all__ = ["MAGIC", "FORMAT_VERSION", "ProgramFileError", "encode_layer", "parameter_bytes", "storage_bytes", "save",
            "load", "read_header"]
 
-#: Version of the file format, in the magic number.
-FORMAT_VERSION = 3
+#: Version of the file format, in the magic number: 4 when a layer is Huffman-coded, else 3 (so that a file
+#: without Huffman layers stays readable by an nnlab that predates them, and one with them is refused there).
+FORMAT_VERSION = 4
 MAGIC = b"NNA" + str(FORMAT_VERSION).encode()
+#: The versions :func:`load` reads.
+READS = (3, 4)
+_MAGICS = tuple(b"NNA" + str(v).encode() for v in READS)
 #: Bytes before the JSON header: magic, SHA-256, header length.
 _PREFIX = 4 + 32 + 4
 _KINDS = {"input": InputLayer, "weight": WeightLayer, "pool": PoolLayer, "flatten": FlattenLayer, "add": AddLayer,
@@ -186,7 +191,8 @@ def save(program: Program, path, config: NNAConfig = SERIES2NX) -> dict:
     header = json.dumps({"name": program.name, "source": program.source, "packing": config.packing,
                          "grids": [g.to_dict() for g in grids], "layers": headers}, separators=(",", ":")).encode()
     rest = len(header).to_bytes(4, "little") + header + b"".join(body)
-    blob = MAGIC + hashlib.sha256(rest).digest() + rest
+    version = 4 if any(h.get("encoding", {}).get("format") == "huffman" for h in headers) else 3
+    blob = b"NNA" + str(version).encode() + hashlib.sha256(rest).digest() + rest
     atomic_write(path, blob)
     header_bytes = _PREFIX + len(header)
     return {"file_bytes": len(blob), "header_bytes": header_bytes, "storage_bytes": len(blob) - header_bytes}
@@ -231,15 +237,16 @@ def _parse_header(data, path):
         raise ProgramFileError(f"{path} is empty, not a saved NNA program")
     if len(data) < 4 and MAGIC.startswith(data):
         raise ProgramFileError(f"{path} is truncated ({len(data)} bytes)")
-    if data[:3] == MAGIC[:3] and data[:4] != MAGIC:
+    reads = " and ".join(map(str, READS))
+    if data[:3] == MAGIC[:3] and data[:4] not in _MAGICS:
         version = data[3:4].decode("ascii", errors="replace")
-        if version.isdigit() and int(version) < FORMAT_VERSION:
+        if version.isdigit() and int(version) < min(READS):
             raise ProgramFileError(f"{path} is a saved NNA program of format {version}, which this nnlab does not "
-                                   f"read (it reads format {FORMAT_VERSION}); compile and save the model again")
+                                   f"read (it reads formats {reads}); compile and save the model again")
         raise ProgramFileError(f"{path} is a saved NNA program of an unknown format {data[3:4]!r} (this nnlab reads "
-                               f"format {FORMAT_VERSION}): a newer nnlab wrote it, or the file is damaged")
-    if data[:4] != MAGIC:
-        raise ProgramFileError(f"{path} is not a saved NNA program (it does not start with {MAGIC!r})")
+                               f"formats {reads}): a newer nnlab wrote it, or the file is damaged")
+    if data[:4] not in _MAGICS:
+        raise ProgramFileError(f"{path} is not a saved NNA program (it does not start with b'NNA3' or b'NNA4')")
     if len(data) < _PREFIX:
         raise ProgramFileError(f"{path} is truncated ({len(data)} bytes, shorter than the {_PREFIX}-byte prefix)")
     if hashlib.sha256(data[36:]).digest() != data[4:36]:
@@ -257,6 +264,11 @@ def _parse_header(data, path):
     missing = [k for k in ("name", "source", "packing", "grids", "layers") if k not in header]
     if missing:
         raise ProgramFileError(f"{path}: unexpected header: it lacks {', '.join(map(repr, missing))}")
+    huffman = [e.get("name") for e in header["layers"] if isinstance(e, dict)
+               and isinstance(e.get("encoding"), dict) and e["encoding"].get("format") == "huffman"]
+    if huffman and data[:4] != b"NNA4":
+        raise ProgramFileError(f"{path} is damaged: format {data[3:4].decode('ascii', 'replace')} cannot hold "
+                               f"Huffman-coded layers, but layer {huffman[0]!r} is one (format 4 can)")
     return header, _PREFIX + n, data
 
 
