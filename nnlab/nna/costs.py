@@ -17,12 +17,12 @@ with its formula in its docstring:
 :func:`report` puts them next to the same costs of the fp32 dense network
 on the same accelerator (:meth:`NNAConfig.as_fp32`), with a total row.
 
-* **Overflow**: costs do not depend on the data, but whether the sums fit
-  in the accumulator does.  Given the :class:`~nnlab.nna.engine.Result`
-  of a run (``saturations=``), the table adds ``saturated`` (sums that
-  overflowed the accumulator and were saturated, per layer and in total)
-  and ``sum_bits`` (bits of the widest sum; the total row: the widest of
-  all), so an overflow shows in the same table as the costs.
+Costs do not depend on the data, but whether the sums fit in the
+accumulator does.  Given the :class:`~nnlab.nna.engine.Result` of a run
+(``saturations=``), :func:`report` adds ``saturated`` (sums that overflowed
+the accumulator and were saturated, per layer and in total) and
+``sum_bits`` (bits of the widest sum; the total row: the widest of all), so
+an overflow shows in the same table as the costs.
 
 This module was called ``nnlab.nna.report``, the name of its main function;
 ``from nnlab.nna.report import layer_costs`` still works.
