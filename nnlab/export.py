@@ -318,7 +318,7 @@ def _graph(program, opset: int, bias: str, signed_activations: bool):
     """The ONNX GraphProto of ``program`` and the builder that made it."""
     from onnx import TensorProto, helper
 
-    from .nna.compiler import output_shapes
+    from .nna.shapes import output_shapes
     from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
 
     shapes = output_shapes(program)
@@ -599,7 +599,7 @@ def _exact_graph(program, opset: int, signed_activations: bool):
     """The exact form's GraphProto of ``program`` (see :func:`to_onnx`) and the builder that made it."""
     from onnx import TensorProto, helper
 
-    from .nna.compiler import output_shapes
+    from .nna.shapes import output_shapes
     from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
 
     shapes = output_shapes(program)

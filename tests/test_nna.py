@@ -315,3 +315,49 @@ def test_report_columns_and_ratios(tiny_data):
     assert fp32["compression"] == pytest.approx(1.0) and fp32["energy_ratio"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="supports 4 to 16 bits"):
         nna.report(nna.requantise_weights(prog, weight_bits=2))
+
+
+# ----------------------------------------------------------------------------- module layout
+def test_names_keep_their_old_module_paths():
+    import importlib
+
+    from nnlab.nna import compiler, costs, import_torch, shapes, whatif
+
+    old_report = importlib.import_module("nnlab.nna.report")
+    for name in ("compile_torch_int8", "torch_conv_kernel", "torch_linear_kernel", "SUPPORTED_INT8", "QUINT8",
+                 "_cpu_has_avx512_vnni", "_fbgemm_depthwise", "_import_torch_int8"):
+        assert getattr(compiler, name) is getattr(import_torch, name), name
+    assert compiler.output_shapes is shapes.output_shapes is nna.output_shapes
+    assert compiler.requantise_weights is whatif.requantise_weights is nna.requantise_weights
+    for name in ("report", "layer_costs", "summary", "COLUMNS", "OVERFLOW_COLUMNS"):
+        assert getattr(old_report, name) is getattr(costs, name), name
+    assert nna.report is costs.report and nna.layer_costs is costs.layer_costs
+
+
+def test_nna_modules_import_each_other_without_cycles():
+    """Top-level ``from .x import`` statements between nna's modules form no cycle (``report`` is costs' alias)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(nna.__file__).parent
+    needs = {}
+    for path in folder.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        needs[path.stem] = {node.module for node in tree.body
+                            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module}
+    assert needs["compiler"] >= {"import_torch", "shapes", "whatif", "program"}
+    assert needs["report"] == {"costs"}
+    done, visiting = set(), []
+
+    def visit(module):
+        assert module not in visiting, f"import cycle: {' -> '.join(visiting + [module])}"
+        if module in done:
+            return
+        visiting.append(module)
+        for other in needs.get(module, ()):
+            visit(other)
+        visiting.pop()
+        done.add(module)
+
+    for module in needs:
+        visit(module)

@@ -19,11 +19,11 @@ from torch import nn
 
 import nnlab
 from nnlab import graph, nna
-from nnlab.nna import compiler
+from nnlab.nna import import_torch
 from nnlab.nna.program import AddLayer, PoolLayer, WeightLayer
 from nnlab.nna.verify import test_batches as first_batches
 
-VNNI = compiler._cpu_has_avx512_vnni()
+VNNI = import_torch._cpu_has_avx512_vnni()
 
 
 #: nnlab's own networks of the shapes embedded inference ships, trained with their quick-mode recipes (cached)
@@ -80,7 +80,7 @@ def test_programs_hold_the_operations_of_the_networks(converted):
     depthwise = [layer for layer in mobilenet.weight_layers if layer.groups > 1]
     assert len(depthwise) == 5 and all(layer.groups == layer.out_channels for layer in depthwise)
     for layer in depthwise:  # 3x3, multiples of 8 channels: fbgemm's depthwise kernel, AVX2 code on every CPU
-        assert compiler._fbgemm_depthwise(layer.groups, layer.groups, layer.out_channels, layer.weight.shape[2:],
+        assert import_torch._fbgemm_depthwise(layer.groups, layer.groups, layer.out_channels, layer.weight.shape[2:],
                                           layer.stride, layer.padding, layer.dilation), layer.name
     if not VNNI:
         assert {layer.kernel for program in (mobilenet, resnet) for layer in program.weight_layers} == {"fbgemm_avx2"}
@@ -93,7 +93,7 @@ def test_programs_hold_the_operations_of_the_networks(converted):
     assert all(a.rounding == "qadd" for a in adds)
     assert resnet.layer("layer2.0.shortcut.conv").stride == (2, 2)
     # names are the model's own, and a fused clamp's node is recorded for the comparison
-    _, nodes, _ = compiler._import_torch_int8(converted["mobilenet-mnist"][1], (1, 28, 28), None)
+    _, nodes, _ = import_torch._import_torch_int8(converted["mobilenet-mnist"][1], (1, 28, 28), None)
     assert nodes["blocks.0.depthwise.conv"] == "blocks.0.depthwise.relu"
 
 

@@ -11,18 +11,31 @@ Three separate things, as in SCALE-Sim and Timeloop:
   :class:`EnergyTable`; presets :data:`SERIES2NX`, :data:`SERIES2NX_HUFFMAN`
   (weights may also be Huffman-coded) and :data:`FP32_BASELINE`;
 * the **workload**, a :class:`Program`: a graph of integer layers, each on
-  its :class:`~nnlab.quant.Grid` (:mod:`nnlab.nna.program`), made by the
-  compiler (:mod:`nnlab.nna.compiler`) from the traced graph of a model
-  quantised with :mod:`nnlab.quant` (:func:`compile_model`) or
-  by PyTorch's own int8 flow, eager or FX (:func:`compile_torch_int8`, with
-  :func:`quantise_torch_int8` from :mod:`nnlab.nna.torch_int8`), run by the
-  integer engine (:mod:`nnlab.nna.engine`: :func:`run`), packed or
-  entropy-coded and stored (:mod:`nnlab.nna.packing`, :mod:`nnlab.nna.entropy`,
-  :mod:`nnlab.nna.storage`: :func:`save`, :func:`load`);
-* the **report** (:mod:`nnlab.nna.report`: :func:`report`), a pandas table per
-  layer and in total against the fp32 dense network.
+  its :class:`~nnlab.quant.Grid`, made from a model quantised with
+  :mod:`nnlab.quant` (:func:`compile_model`) or by PyTorch's own int8 flow,
+  eager or FX (:func:`compile_torch_int8`, with :func:`quantise_torch_int8`),
+  run by the integer engine (:func:`run`), packed or entropy-coded and stored
+  (:func:`save`, :func:`load`);
+* the **costs** (:func:`report`), a pandas table per layer and in total
+  against the fp32 dense network.
 
-:mod:`nnlab.nna.verify` checks the simulator against PyTorch.
+One subject per module:
+
+* :mod:`~nnlab.nna.config`: the accelerator and its energy table;
+* :mod:`~nnlab.nna.program`: the program's layers and their integer numbers;
+* :mod:`~nnlab.nna.compiler`: nnlab's quantised models -> a program (trace, fuse, emit); the names it held
+  before the split (PyTorch's int8 import, shapes, what-if) still import from it;
+* :mod:`~nnlab.nna.torch_int8`: PyTorch's int8 flow, eager or FX: convert a float model, record its integers;
+* :mod:`~nnlab.nna.import_torch`: a model converted by PyTorch -> a program, with the CPU's int8 kernels;
+* :mod:`~nnlab.nna.shapes`: every layer's output shape, checked (NumPy only);
+* :mod:`~nnlab.nna.whatif`: re-quantise a program's weights to other bit-depths and sparsities;
+* :mod:`~nnlab.nna.engine`: run a program in integer arithmetic;
+* :mod:`~nnlab.nna.packing`: integer codes packed into bits, dense, sparse and Huffman-coded weight formats;
+* :mod:`~nnlab.nna.entropy`: Huffman coding of weight codes and index gaps (encode, decode);
+* :mod:`~nnlab.nna.storage`: a layer's stored bytes and ``.nna`` files (save, load);
+* :mod:`~nnlab.nna.costs`: the cost model, one function per cost, and :func:`report`
+  (``nnlab.nna.report``, the module's old name, still imports it);
+* :mod:`~nnlab.nna.verify`: checks the simulator against PyTorch.
 
 Example:
     >>> qmodel = nnlab.quant.pretrained_quantised("lenet5", weight_bits=4, sparsity=0.9)
@@ -48,14 +61,16 @@ _EXPORTS = {
                "WEIGHT_FORMATS", "SERIES2NX_HUFFMAN"),
     "program": ("Program", "describe", "InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer",
                 "ConcatLayer"),
-    "compiler": ("compile_model", "compile_torch_int8", "requantise_weights", "output_shapes", "torch_conv_kernel",
-                 "torch_linear_kernel"),
+    "compiler": ("compile_model",),
+    "import_torch": ("compile_torch_int8", "torch_conv_kernel", "torch_linear_kernel"),
+    "shapes": ("output_shapes",),
+    "whatif": ("requantise_weights",),
     "torch_int8": ("quantise_torch_int8", "layer_outputs"),
     "engine": ("run", "predict", "Result", "MODES", "AccumulatorOverflowWarning", "overflow_message"),
     "entropy": ("huffman_code_lengths",),
     "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),
     "storage": ("save", "load", "read_header", "storage_bytes", "ProgramFileError"),
-    "report": ("report", "layer_costs", "summary"),
+    "costs": ("report", "layer_costs", "summary"),
     "verify": ("agreement", "compare_modes", "compare_torch_int8"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -80,8 +95,8 @@ def __dir__():
 
 
 class _Package(types.ModuleType):
-    """``nnlab.nna.report`` is the function, as ``from .report import report`` made it, even once the submodule
-    of the same name has been imported (the import system then sets the package's attribute to the module)."""
+    """``nnlab.nna.report`` is the function, even once the old module of the same name (now :mod:`nnlab.nna.costs`)
+    has been imported: the import system then sets the package's attribute to the module."""
 
     def __setattr__(self, name, value):
         if name == "report" and isinstance(value, types.ModuleType) and hasattr(value, "report"):

@@ -160,7 +160,7 @@ class NNAConfig:
 
     Every default is the Series2NX-like preset; see :data:`SERIES2NX` for
     the sources.  The model is deliberately simple (each assumption is
-    stated where it is used in :mod:`nnlab.nna.report`).
+    stated where it is used in :mod:`nnlab.nna.costs`).
 
     Attributes:
         name: shown in reports.

@@ -75,6 +75,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from .._args import check_choice, check_int
 from .config import SERIES2NX, NNAConfig
 from .program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+from .shapes import output_shapes
 
 __all__ = ["MODES", "Result", "AccumulatorOverflowWarning", "overflow_message", "sum_width", "accumulator_width",
            "MAX_ACCUMULATOR_BITS", "CHUNK_BYTES", "chunk_size", "run", "predict", "quantise_input", "im2col", "conv2d", "depthwise_conv2d", "linear", "accumulate_bias",
@@ -992,8 +993,6 @@ def chunk_size(program: Program, chunk_bytes: int | None = None) -> int:
     Returns:
         At least 1.
     """
-    from .compiler import output_shapes
-
     shapes = output_shapes(program)
     per_image = 1
     for layer in program.layers:

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 
 from ..quant.grid import Grid
+from ..quant.spec import QuantSpec
 
 __all__ = ["InputLayer", "WeightLayer", "PoolLayer", "FlattenLayer", "AddLayer", "ConcatLayer", "Program", "OPS",
            "KERNELS", "AVG_ROUNDINGS", "ADD_ROUNDINGS", "MAX_BIAS_FRAC_BITS", "describe"]
@@ -302,6 +303,40 @@ class ConcatLayer(_JoinLayer):
 
 
 LAYER_TYPES = (InputLayer, WeightLayer, PoolLayer, FlattenLayer, AddLayer, ConcatLayer)
+
+
+# ----------------------------------------------------------------------------- a weight layer's numbers
+# Shared by the two compilers (nnlab's models, PyTorch's int8 models) and the what-if re-quantiser.
+def _int_bias(bias_real, in_scale, weight_scale, name, frac_bits=None):
+    """The bias as int32 on the accumulator's scale ``in_scale * weight_scale``, with fractional bits.
+
+    Args:
+        bias_real: the real bias per output channel.
+        in_scale, weight_scale: the input's scale and the per-channel weight scales.
+        name: the layer, for messages.
+        frac_bits: fractional bits; None picks the most (up to
+            :data:`~nnlab.nna.program.MAX_BIAS_FRAC_BITS`) for which every
+            entry still fits in int32.
+
+    Returns:
+        ``(bias, frac_bits)``: int32 codes, rounded half to even, standing for
+        ``bias / 2**frac_bits`` accumulator units.
+    """
+    units = np.asarray(bias_real, np.float64) / (np.float64(in_scale) * weight_scale.astype(np.float64))
+    top = float(np.abs(units).max(initial=0.0))
+    if frac_bits is None:
+        frac_bits = 0
+        while frac_bits < MAX_BIAS_FRAC_BITS and top * 2.0 ** (frac_bits + 1) < 2 ** 31 - 1:
+            frac_bits += 1
+    b = np.rint(units * 2.0 ** frac_bits)
+    if np.any(np.abs(b) > 2 ** 31 - 1):
+        raise ValueError(f"layer {name!r}: the bias does not fit in int32 on the accumulator's scale")
+    return b.astype(np.int32), frac_bits
+
+
+def _weight_grid(spec: QuantSpec, scale: np.ndarray) -> Grid:
+    """A program's weight grid: the spec made per channel (axis 0), one scale per output channel, zero points 0."""
+    return Grid(spec.replace(granularity="per_channel", ch_axis=0), scale, np.zeros(scale.shape, np.int64))
 
 
 def _in_grids(layer) -> tuple:

@@ -23,7 +23,7 @@ calibrate on the first ``calibration_batches`` training batches.
 records the integers (``int_repr()``) of every node that outputs a
 quantized tensor, for the per-layer comparison in :mod:`nnlab.nna.verify`.
 :func:`int8_graph` and :func:`node_labels` give the graph and the names the
-compiler and the comparison share.
+importer (:mod:`nnlab.nna.import_torch`) and the comparison share.
 """
 
 from __future__ import annotations

@@ -18,7 +18,9 @@ from torch import nn
 from .._args import check_choice
 from ..base import loader_of
 from .engine import MODES, run
+from .import_torch import _import_torch_int8
 from .program import Program
+from .torch_int8 import layer_outputs
 
 __all__ = ["agreement", "compare_modes", "compare_torch_int8", "test_batches"]
 
@@ -132,9 +134,6 @@ def compare_torch_int8(program: Program, qmodel: nn.Module, data, limit: int | N
         ValueError: a layer of the program that is not a layer of ``qmodel``
             (compile the program from ``qmodel``), or no test images.
     """
-    from .compiler import _import_torch_int8
-    from .torch_int8 import layer_outputs
-
     _, nodes, _ = _import_torch_int8(qmodel, program.input.shape, None)
     missing = [layer.name for layer in program.layers if layer.name not in nodes]
     if missing:

@@ -240,7 +240,7 @@ def measure_sensitivity(model: nn.Module, data, *, bits=None, sparsities=None, a
         A :class:`SensitivityTable`.
     """
     from ..nna import compile_model, layer_costs
-    from ..nna.compiler import requantise_weights
+    from ..nna.whatif import requantise_weights
     from ..nna.engine import accumulator_width, output_logits
     from .model import quantise_model
 
