@@ -213,7 +213,8 @@ def resolve_model(model, seed: int = 0):
 
 
 def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, act_bits, method, hardware,
-                             device, seed, quick, l1, verbose, budget=None, train=True, name=None):
+                             device, seed, quick, l1, verbose, budget=None, train=True, name=None, sim_images=None,
+                             sim_batch_size=250):
     """Check every argument of :func:`nnlab.pipeline.compress` before any data is loaded or model trained.
 
     Returns:
@@ -241,6 +242,13 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
                          f"registered name, whose baseline is always trained (and cached)")
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise ValueError(f"name must be None or a non-empty string, got {name!r}")
+    if sim_images is not None:  # at most the test set's size: checked once the data set is loaded
+        if isinstance(sim_images, bool) or not isinstance(sim_images, numbers.Integral):
+            raise TypeError(f"sim_images must be None (every test image) or a positive integer, got {sim_images!r} "
+                            f"({type(sim_images).__name__})")
+        if sim_images <= 0:
+            raise ValueError(f"sim_images must be None (every test image) or a positive integer, got {sim_images}")
+    check_positive_int("sim_batch_size", sim_batch_size)
     sparsity = check_float("sparsity", sparsity, 0, 1, high_open=True)
     check_bits("weight_bits", weight_bits)
     check_bits("act_bits", act_bits)

@@ -106,6 +106,18 @@ def _positive_float(name):
     return parse
 
 
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
+        return value
+    return parse
+
+
 def _model_argument(text):
     from ._preflight import parse_model_argument
 
@@ -157,6 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quick", action="store_true", help="quick mode: fewer epochs (also on when NNLAB_QUICK=1)")
     c.add_argument("--l1", action=argparse.BooleanOptionalAction, default=False,
                    help="also run the L1-regularisation side branch (off by default: the deployed network does not use it)")
+    c.add_argument("--sim-images", type=_positive_int("--sim-images"), default=None, metavar="N",
+                   help="simulate N test images (a fixed random draw) on the NNA instead of the whole test set; the "
+                        "NNA accuracy is then over those N, and both reports say so")
+    c.add_argument("--sim-batch-size", type=_positive_int("--sim-batch-size"), default=250, metavar="N",
+                   help="test images the NNA simulator runs at once (memory, not results, depends on it; default 250)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     c.add_argument("--onnx", action="store_true",
                    help="also write model.onnx beside the report: the deployed network as standard ONNX, in the exact "
@@ -213,10 +230,10 @@ REPORT_COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "stora
 #: How the stage table shows each column, and its headings.
 _STAGE_FORMATS = {"accuracy": "{:.2f}", "sparsity": "{:.1%}", "weight_bits": "{:.0f}", "act_bits": "{:.0f}",
                   "storage_bytes": "{:,.0f}", "energy_uj": "{:.3f}", "latency_us": "{:.3f}",
-                  "compression": "{:.1f}x", "energy_ratio": "{:.1f}x", "saturated": "{:,.0f}"}
+                  "compression": "{:.1f}x", "energy_ratio": "{:.1f}x", "saturated": "{:,.0f}", "test_images": "{:,.0f}"}
 _STAGE_HEADERS = {"storage_bytes": "storage (bytes)", "energy_uj": "energy (µJ)", "latency_us": "latency (µs)",
                   "weight_bits": "weight bits", "act_bits": "activation bits", "accuracy": "accuracy (%)",
-                  "energy_ratio": "energy ratio"}
+                  "energy_ratio": "energy ratio", "test_images": "test images"}
 
 
 def _html_table(table, formats: dict, headers: dict | None = None) -> str:
@@ -258,6 +275,7 @@ def write_report(result, out: Path) -> dict:
     choice = getattr(result, "choice", None)
     doc = {"settings": result.settings, "data": result.data_description, "headline": head,
            "stages": stages.to_dict(orient="records"), "seconds": result.seconds, "overflow": overflow,
+           "agreement": getattr(result, "agreement", None),
            "nna_layers": result.report.to_dict(orient="records")}
     choice_html = ""
     if choice is not None:
@@ -287,9 +305,12 @@ Measured: <b>{choice.measured['accuracy']:.2f}%</b> accuracy, {choice.measured['
         warning = f"""<div class="warning"><b>Warning:</b> {html.escape(overflow['message'])}.</div>"""
     elif head.get("saturated") == 0:
         warning = (f"<p>No sum overflowed the {result.settings.get('accumulator_bits', '?')}-bit accumulator on the "
-                   f"test images.</p>")
+                   f"{_simulated_images(result)}.</p>")
     else:
         warning = ""
+    if result.settings.get("sim_images"):
+        warning += (f"<p><b>The NNA stage simulated {_simulated_images(result)}</b>, not the whole test set: its "
+                    f"accuracy is over those images only.</p>")
     page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>nnlab compress: {html.escape(result.settings['model'])}</title><style>{_CSS}</style></head><body>
@@ -322,6 +343,16 @@ the widest sum needed. <code>report.json</code> holds every column of the simula
     doc = _finite(doc)
     atomic_write(out / "report.json", json.dumps(doc, indent=2, default=_json_default, allow_nan=False))
     return doc
+
+
+def _simulated_images(result) -> str:
+    """'test images', or 'N of the M test images (a fixed random draw)' when compress ran with sim_images."""
+    n = result.settings.get("sim_images")
+    if not n:
+        return "test images"
+    total = int(result.stages.iloc[0]["test_images"]) if "test_images" in result.stages else None
+    of = f" of the {total:,}" if total else ""
+    return f"{n:,}{of} test images (a fixed random draw)"
 
 
 def _finite(value):
@@ -406,7 +437,7 @@ def _main(argv) -> int:
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
                    method=args.method, hardware=hardware, device=args.device, seed=args.seed,
                    quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress,
-                   train=not args.no_train)
+                   train=not args.no_train, sim_images=args.sim_images, sim_batch_size=args.sim_batch_size)
     budgets = {"budget_bytes": args.budget_bytes, "budget_energy_uj": args.budget_energy_uj,
                "budget_latency_us": args.budget_latency_us}
     budgets = {k: v for k, v in budgets.items() if v is not None}
@@ -444,7 +475,8 @@ def _main(argv) -> int:
         warnings.formatwarning = shown
     head = result.headline()
     overflow = f" | {head['saturated']:,} sums overflowed the accumulator" if head.get("saturated") else ""
-    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}%{overflow} | storage "
+    subset = f" on {_simulated_images(result)}" if result.settings.get("sim_images") else ""
+    print(f"accuracy {head['accuracy_fp32']:.2f}% -> {head['accuracy_nna']:.2f}%{subset}{overflow} | storage "
           f"{head['compression']:.1f}x smaller | energy {head['energy_ratio']:.1f}x lower | "
           f"report: {args.out / 'report.html'}")
     if args.onnx:

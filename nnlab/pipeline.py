@@ -23,6 +23,12 @@ Stages, each starting from the previous one's network unless said otherwise:
    mode, integers only as an accelerator computes (fixed-point
    multipliers and shifts, see :mod:`nnlab.nna.engine`), with the
    accelerator's accumulator width (``hardware.accumulator_bits``).
+   The images go through the simulator ``sim_batch_size`` at a time, so
+   its memory does not grow with the test set; the counts and accuracy
+   are those of one run on every image at once.  ``sim_images=N``
+   simulates a fixed draw of N test images instead of all of them (the
+   stage table's ``test_images`` column and ``settings["sim_images"]`` say
+   so), for large networks on a small machine.
 
 The model is a registered name (:data:`nnlab.cache.RECIPES`: trained with its
 recipe and cached, as the notebooks do), a Python file and a function in it
@@ -69,8 +75,8 @@ from torch import nn
 from . import config, nna, prune, quant
 from ._preflight import check_compress_arguments
 from .cache import cached, pretrained
+from .data import DataBundle, first_images, load_data, make_loader, random_images
 from .distill import distill
-from .data import first_images, load_data, make_loader
 from .graph import trace
 from .models import upgrade_state_dict
 from .recipes import core_and_distil, pretrained_quantised, pretrained_sparse, train_once
@@ -80,13 +86,22 @@ from .regularize import l1_penalty
 from .nna.engine import MAX_ACCUMULATOR_BITS
 from .train import accuracy, fit
 
-__all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "CompressionResult", "compress", "stage_costs"]
+__all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "SIM_BATCH_SIZE", "SIM_IMAGES_SEED", "CompressionResult", "compress",
+           "simulate", "stage_costs"]
 
 STAGES = ("fp32 baseline", "pruned", "pruned + distilled", "L1 + pruned + distilled", "PTQ",
           "retrained low-bit", "NNA (integer)")
 
 #: Requantisation mode of the engine in the ``NNA (integer)`` stage (see :data:`nnlab.nna.MODES`).
 NNA_MODE = "integer"
+
+#: Test images the NNA stage simulates at once (``compress(sim_batch_size=...)``): the simulator's memory
+#: depends on this, not on the size of the test set.
+SIM_BATCH_SIZE = 250
+
+#: Seed of the draw of test images that ``compress(sim_images=N)`` simulates: fixed, so that runs with
+#: different training seeds are compared on the same images.
+SIM_IMAGES_SEED = 0
 
 #: Training recipe of an ``nn.Module`` given to :func:`compress` (full-mode, quick-mode epochs).
 MODULE_RECIPE = {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True}
@@ -109,8 +124,11 @@ class CompressionResult:
             ``energy_uj``, ``latency_us``, ``compression`` and ``energy_ratio``
             (fp32 dense baseline / stage), ``hardware``, ``saturated`` (sums
             that overflowed the accumulator: an int for the NNA stage, None
-            for the others).
-        settings: the arguments of the run.
+            for the others), ``test_images`` (how many test images the
+            accuracy was measured on: the whole test set, except for the
+            NNA stage with ``sim_images``).
+        settings: the arguments of the run (``sim_images``: None when the
+            NNA stage simulated every test image).
         models: the network of each stage (by stage name).
         program: the compiled integer program (stage 7).
         report: the simulator's per-layer cost report of ``program``, with
@@ -127,6 +145,8 @@ class CompressionResult:
             ``message`` (the warning).
         choice: with a ``budget``, the :class:`nnlab.quant.PerLayerChoice`
             of the baseline for it; else None.
+        agreement: percent of the simulated test images on which the NNA
+            stage's top-1 class equals the retrained PyTorch model's (stage 6).
     """
 
     stages: pd.DataFrame
@@ -138,6 +158,7 @@ class CompressionResult:
     seconds: float = 0.0
     overflow: dict | None = None
     choice: object = field(default=None, repr=False)
+    agreement: float | None = None
 
     def headline(self) -> dict:
         """The figures of the deployed stage against the fp32 baseline."""
@@ -344,6 +365,9 @@ def compress(
     budget: dict | None = None,
     train: bool = True,
     name: str | None = None,
+    sim_images: int | None = None,
+    sim_batch_size: int = SIM_BATCH_SIZE,
+    data=None,
 ) -> CompressionResult:
     """Run baseline -> prune -> distill -> (L1) -> PTQ -> retrain -> NNA, and cost every stage.
 
@@ -379,6 +403,22 @@ def compress(
         name: how the report names the model (default:
             the registered name, the ``file.py:function`` text, or the
             module's class name).
+        sim_images: None (default): the NNA stage simulates every test
+            image.  A positive integer N, at most the size of the test set:
+            it simulates N test images drawn at random (seed
+            :data:`SIM_IMAGES_SEED`, the same images in every run; the first
+            images of a test set may all be of one class), and its accuracy
+            is measured on those N only (the stage table's ``test_images``
+            column says so).  For large networks on a small machine: the
+            simulator takes far longer per image than PyTorch.
+        sim_batch_size: test images simulated at once (default
+            :data:`SIM_BATCH_SIZE`); only memory and speed depend on it, never
+            the results.
+        data: a :class:`nnlab.data.DataBundle` to use instead of loading
+            ``dataset`` (e.g. ``load_data("mnist", train_limit=1000,
+            test_limit=300)`` for a small budget); ``dataset`` and ``source``
+            are then taken from it and must be left at their defaults.
+            Every stage is cached under the bundle's fingerprint.
 
     Returns:
         A :class:`CompressionResult`; ``settings["model"]`` is ``name``.
@@ -393,17 +433,29 @@ def compress(
     """
 
     given = model
+    if data is not None:
+        if not isinstance(data, DataBundle):
+            raise TypeError(f"data must be None or a DataBundle from nnlab.data.load_data, got {type(data).__name__}")
+        if dataset != "mnist" or source is not None:
+            raise ValueError(f"data is given ({data.name}, {data.source}): leave dataset and source at their "
+                             f"defaults, got dataset={dataset!r}, source={source!r}")
+        dataset, source = data.name, data.source
     model, sparsity, hardware, dev = check_compress_arguments(
         model, dataset, source=source, sparsity=sparsity, weight_bits=weight_bits, act_bits=act_bits, method=method,
         hardware=hardware, device=device, seed=seed, quick=quick, l1=l1, verbose=verbose, budget=budget,
-        train=train, name=name)
+        train=train, name=name, sim_images=sim_images, sim_batch_size=sim_batch_size)
     registered = isinstance(model, str)
     if name is None:
         name = given if isinstance(given, str) else type(model).__name__
     quick = config.quick_mode() if quick is None else bool(quick)
     start = time.perf_counter()
 
-    data = load_data(dataset, source, verbose=verbose)
+    if data is None:
+        data = load_data(dataset, source, verbose=verbose)
+    test_size = len(data.test.dataset)
+    if sim_images is not None and sim_images > test_size:
+        raise ValueError(f"sim_images must be None (every test image) or at most the {test_size:,} test images of "
+                         f"{dataset} ({data.source}), got {sim_images:,}")
     rows, models = [], {}
 
     float_figures = {}
@@ -416,7 +468,7 @@ def compress(
         else:
             figures, program, table = stage_costs(net.cpu(), data, hardware)
         rows.append({"stage": stage, "accuracy": accuracy(net, data), "sparsity": prune.sparsity(net),
-                     "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures})
+                     "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures, "test_images": test_size})
         models[stage] = net
         return program, table
 
@@ -447,15 +499,20 @@ def compress(
         retrained = _module_retrained(sparse, data, weight_bits, act_bits, method, **steps).cpu()
     program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
 
-    images, labels = first_images(data)
-    simulated = nna.run(program, images.numpy(), NNA_MODE, config=hardware)
-    nna_acc = 100.0 * float((simulated.predictions == labels.numpy()).mean())
-    overflow = _overflow(program, images.numpy(), labels.numpy(), hardware, simulated, nna_acc)
+    if sim_images is None:
+        images, labels = first_images(data)
+    else:
+        images, labels = random_images(data, sim_images, seed=SIM_IMAGES_SEED)
+    images, labels = images.numpy(), labels.numpy()
+    simulated = simulate(program, images, hardware, batch_size=sim_batch_size)
+    nna_acc = 100.0 * float((simulated.predictions == labels).mean())
+    agreement = 100.0 * float((simulated.predictions == _predictions(retrained, images, sim_batch_size)).mean())
+    overflow = _overflow(program, images, labels, hardware, simulated, nna_acc, batch_size=sim_batch_size)
     if overflow is not None:
         warnings.warn(overflow["message"], nna.AccumulatorOverflowWarning, stacklevel=2)
     table = nna.report(program, hardware, saturations=simulated)
     figures = dict(rows[-1])
-    figures.update(stage="NNA (integer)", accuracy=nna_acc, saturated=simulated.saturated)
+    figures.update(stage="NNA (integer)", accuracy=nna_acc, saturated=simulated.saturated, test_images=len(labels))
     rows.append(figures)
     models["NNA (integer)"] = program
 
@@ -472,13 +529,68 @@ def compress(
                 "weight_bits": weight_bits, "act_bits": act_bits, "method": method, "hardware": hardware.name,
                 "accumulator_bits": hardware.accumulator_bits, "requantisation": NNA_MODE,
                 "trained": bool(registered or train), "device": str(dev), "seed": seed, "quick": quick,
-                "budget": budget}
+                "budget": budget, "sim_images": sim_images, "sim_batch_size": sim_batch_size}
     return CompressionResult(stages=stages, settings=settings, models=models, program=program, report=table,
                              data_description=data.description, seconds=time.perf_counter() - start,
-                             overflow=overflow, choice=choice)
+                             overflow=overflow, choice=choice, agreement=agreement)
 
 
-def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:
+def simulate(program, images, hardware=None, *, batch_size: int = SIM_BATCH_SIZE):
+    """Run a compiled program on images in the NNA stage's mode, ``batch_size`` images at a time.
+
+    The engine is run on one batch after another, so its memory depends on
+    ``batch_size``, not on the number of images; the result is the one a
+    single run on every image gives (the engine computes each image on its
+    own): the logits of every image, the saturated sums of each layer added
+    over the batches and the widest sum of each layer.
+
+    Args:
+        program: a compiled program (:func:`nnlab.nna.compile_model`).
+        images: float images ``(N, *input shape)``, a NumPy array.
+        hardware: :class:`nnlab.nna.NNAConfig` (default the Series2NX-like
+            preset); its accumulator width is the run's.
+        batch_size: images per engine run, a positive integer.
+
+    Returns:
+        An :class:`nnlab.nna.engine.Result` for all the images (no traced outputs).
+
+    Raises:
+        TypeError, ValueError: a bad ``batch_size``, or what :func:`nnlab.nna.run` refuses.
+    """
+    import numpy as np
+
+    from . import nna
+    from ._args import check_positive_int
+    from .nna.engine import Result
+
+    check_positive_int("batch_size", batch_size)
+    hardware = nna.SERIES2NX if hardware is None else hardware
+    logits, saturations, sum_bits, int16, width = [], {}, {}, {}, hardware.accumulator_bits
+    for start in range(0, max(len(images), 1), batch_size):
+        part = nna.run(program, images[start: start + batch_size], NNA_MODE, config=hardware)
+        logits.append(part.logits)
+        width = part.accumulator_bits
+        for name, count in part.saturations.items():
+            saturations[name] = saturations.get(name, 0) + count
+        for name, bits in part.sum_bits.items():
+            sum_bits[name] = max(sum_bits.get(name, 1), bits)
+        for name, count in part.int16_saturations.items():
+            int16[name] = int16.get(name, 0) + count
+    return Result(np.concatenate(logits), {}, saturations, sum_bits, width, int16)
+
+
+def _predictions(model: nn.Module, images, batch_size: int):
+    """Top-1 class of each image (NumPy) by a PyTorch model on the CPU, ``batch_size`` images at a time."""
+    import numpy as np
+    import torch
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(images[start: start + batch_size])).argmax(1).numpy()
+                               for start in range(0, len(images), batch_size)])
+
+
+def _overflow(program, images, labels, hardware, run, accuracy, *, batch_size: int = SIM_BATCH_SIZE) -> dict | None:
     """What an accumulator overflow cost: None when no sum saturated, else ``CompressionResult.overflow``.
 
     The simulator runs again with the width the widest sum needed (widening
@@ -490,7 +602,7 @@ def _overflow(program, images, labels, hardware, run, accuracy) -> dict | None:
         return None
     needed, wide_accuracy = run.accumulator_bits_needed, None
     while needed <= MAX_ACCUMULATOR_BITS:
-        wide = nna.run(program, images, NNA_MODE, config=hardware.replace(accumulator_bits=needed))
+        wide = simulate(program, images, hardware.replace(accumulator_bits=needed), batch_size=batch_size)
         if wide.saturated == 0:
             needed = wide.accumulator_bits_needed  # every sum exact: the width the network needs
             wide_accuracy = 100.0 * float((wide.predictions == labels).mean())

@@ -148,6 +148,9 @@ def _cli(args, capsys):
     (["--dataset", "cifar10", "--source", "offline"], "source='offline' is not available for dataset='cifar10'"),
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--source", "web"], "invalid choice: 'web'"),
+    (["--sim-images", "0"], "--sim-images must be a positive integer, got 0"),
+    (["--sim-images", "all"], "--sim-images must be a positive integer, got 'all'"),
+    (["--sim-batch-size", "-5"], "--sim-batch-size must be a positive integer, got -5"),
 ])
 def test_cli_refuses_bad_options_before_work(no_work, tmp_path, capsys, extra, message):
     code, _, err = _cli(["compress", "--out", str(tmp_path / "out"), *extra], capsys)
@@ -250,10 +253,28 @@ def test_cli_ctrl_c_in_a_real_run(tmp_path):
     ({"dataset": "cifar10", "source": "offline"}, ValueError, "source='offline' is not available"),
     ({"source": "web"}, ValueError, "source must be one of"),
     ({"device": "gpu0"}, ValueError, "device must be"),
+    ({"sim_images": 0}, ValueError, "sim_images must be None (every test image) or a positive integer, got 0"),
+    ({"sim_images": 2.5}, TypeError, "sim_images must be None (every test image) or a positive integer, got 2.5 "
+                                     "(float)"),
+    ({"sim_images": True}, TypeError, "sim_images must be None (every test image) or a positive integer, got True"),
+    ({"sim_batch_size": 0}, ValueError, "sim_batch_size must be a positive integer, got 0"),
+    ({"sim_batch_size": None}, TypeError, "sim_batch_size must be a positive integer, got None"),
+    ({"data": "mnist"}, TypeError, "data must be None or a DataBundle from nnlab.data.load_data, got str"),
 ])
 def test_compress_refuses_before_work(no_work, kwargs, error, message):
     with pytest.raises(error, match=_literal(message)):
         pipeline.compress(**kwargs)
+
+
+def test_compress_refuses_more_sim_images_than_the_test_set_before_training(monkeypatch):
+    """The test set's size is known once the data is loaded: the refusal still comes before any training."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("training started before sim_images was checked")
+
+    monkeypatch.setattr(pipeline, "pretrained", forbidden)
+    with pytest.raises(ValueError, match=_literal("sim_images must be None (every test image) or at most the 1,000 "
+                                                  "test images of mnist (offline), got 1,001")):
+        pipeline.compress("lenet5", source="offline", sim_images=1001, verbose=False)
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
