@@ -259,7 +259,7 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
     teacher = pretrained(model, data=data, quick=quick, seed=seed, device=dev, verbose=verbose).cpu()
     pick = 1 if quick else 0
     recipe = {**RECIPE, "steps": RECIPE["steps"][pick], "epochs_per_step": RECIPE["epochs_per_step"][pick]}
-    spec = {"model": model, "sparsity": sparsity_target, "data": data.fingerprint, "recipe": recipe,
+    key_fields = {"model": model, "sparsity": sparsity_target, "data": data.fingerprint, "recipe": recipe,
             "teacher_metrics": teacher.nnlab_metrics, "seed": seed}
 
     def build():
@@ -283,7 +283,7 @@ def pretrained_sparse(model: str = "lenet5", sparsity: float = 0.9, *, data=None
         student.load_state_dict(state)
         return student
 
-    payload = cached(f"{model}-sparse{round(100 * sparsity_target)}-{data.name}-{data.source}", spec, build,
+    payload = cached(f"{model}-sparse{round(100 * sparsity_target)}-{data.name}-{data.source}", key_fields, build,
                      validate=restore, verbose=verbose)
     student = restore(payload)
     student.nnlab_metrics = dict(payload["metrics"])

@@ -11,7 +11,7 @@ exactly as they run.
 Three steps:
 
 1. :func:`trace`: ``torch.fx`` symbolic tracing with :class:`Tracer`, which
-   keeps Conv2d, Linear (parametrized ones included), nnlab's ``ActQuantizer``
+   keeps Conv2d, Linear (parametrized ones included), nnlab's ``ActQuantiser``
    and every other ``torch.nn`` layer as one node each and opens containers
    (``Sequential``, custom blocks).  A model fx cannot trace (Python control
    flow on tensor values, ``.item()`` ...) gets a :class:`GraphError` naming
@@ -55,7 +55,7 @@ PRODUCERS = ("conv2d", "linear", "add", "cat", "avgpool2d")
 SUPPORTED = ("Conv2d (any stride, padding, dilation and groups, zero padding), Linear, BatchNorm1d/2d right after "
              "them (folded), ReLU, ReLU6, Hardtanh (fused as clamps), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and "
              "mean over H and W, Flatten/flatten/view/reshape to (N, features), Dropout, Identity, "
-             "the sum of two tensors (+, torch.add), torch.cat along channels, and nnlab's ActQuantizer")
+             "the sum of two tensors (+, torch.add), torch.cat along channels, and nnlab's ActQuantiser")
 
 
 #: Key of ``GraphModule.meta`` that keeps the traced model's class name.
@@ -71,7 +71,7 @@ class Tracer(fx.Tracer):
     """``torch.fx`` tracer with nnlab's leaves.
 
     Leaves (one ``call_module`` node each): Conv2d and Linear (also when
-    their weight is parametrized), nnlab's ActQuantizer, and every other
+    their weight is parametrized), nnlab's ActQuantiser, and every other
     module of ``torch.nn`` / ``torch.ao.nn`` except containers.  Containers
     and custom modules are opened, so the graph shows what ``forward`` does.
     """
@@ -82,9 +82,9 @@ class Tracer(fx.Tracer):
         self.failed_in = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        from .quant.modules import ActQuantizer
+        from .quant.modules import ActQuantiser
 
-        if isinstance(m, (ActQuantizer, nn.Conv2d, nn.Linear)):
+        if isinstance(m, (ActQuantiser, nn.Conv2d, nn.Linear)):
             return True
         if isinstance(m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
             return False
@@ -280,7 +280,7 @@ def _activation_range(node, m, lo, hi):
 
 
 def _module_op(node, m, shape_nodes):
-    from .quant.modules import ActQuantizer
+    from .quant.modules import ActQuantiser
 
     ins = _tensor_inputs(node, shape_nodes)
     name = str(node.target)
@@ -288,7 +288,7 @@ def _module_op(node, m, shape_nodes):
     def op(kind, **attrs):
         return Op(node, kind, name, ins, m, attrs)
 
-    if isinstance(m, ActQuantizer):
+    if isinstance(m, ActQuantiser):
         return op("quantise")
     if isinstance(m, nn.Conv2d):
         return op("conv2d", **_conv_attrs(node, m))

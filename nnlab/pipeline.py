@@ -174,7 +174,7 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
     else:
         program = nna.compile_model(model, data.input_shape)
         table = nna.report(program, hardware)
-    s = nna.summary(table)
+    s = nna.headline(table)
     figures = {"storage_bytes": s["storage_bytes"], "energy_uj": s["energy_uj"], "latency_us": s["latency_us"],
                "compression": s["compression"], "energy_ratio": s["energy_ratio"], "hardware": s["config"]}
     return figures, program, table
@@ -213,11 +213,11 @@ def _restore_sparse(teacher, state) -> nn.Module:
 
 def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
-    from . import distill, regularize
+    from . import distill, regularise
 
     recipe = _sparse_recipe(quick)
     l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][1 if quick else 0]}
-    spec = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
+    key_fields = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
             "sparsity": sparsity, "recipe": recipe, "l1": l1, "seed": seed}
 
     def build():
@@ -225,7 +225,7 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
             print(f"L1 branch: {l1['epochs']} epochs with an L1 penalty, then coring to {sparsity:.0%} "
                   f"(done once, then cached) ...")
         student = copy.deepcopy(teacher)
-        distill.distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=regularize.l1_penalty(
+        distill.distill(student, teacher, data, l1["epochs"], lr=l1["lr"], penalty=regularise.l1_penalty(
             l1["strength"]), device=device, seed=seed, progress=verbose, desc="L1")
         return _core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
 
@@ -233,7 +233,7 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
         return _restore_sparse(teacher, upgrade_state_dict(copy.deepcopy(teacher), payload["state_dict"]))
 
     name = f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
-    payload = cached(name, spec, build, validate=restore, verbose=verbose)
+    payload = cached(name, key_fields, build, validate=restore, verbose=verbose)
     return restore(payload).eval()
 
 
@@ -276,7 +276,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
         return net
     recipe = MODULE_RECIPE
     epochs = recipe["epochs"][1 if quick else 0]
-    spec = {"module": module_fingerprint(module), "data": data.fingerprint, "recipe": recipe, "epochs": epochs,
+    key_fields = {"module": module_fingerprint(module), "data": data.fingerprint, "recipe": recipe, "epochs": epochs,
             "seed": seed}
 
     def build():
@@ -296,7 +296,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
         net.load_state_dict(payload["state_dict"])
         return net
 
-    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", spec, build, validate=restore,
+    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", key_fields, build, validate=restore,
                      verbose=verbose)
     net = restore(payload).eval()
     net.nnlab_metrics = dict(payload["metrics"])
@@ -306,7 +306,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
 def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbose):
     """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.distill.pretrained_sparse` does (cached)."""
     recipe = _sparse_recipe(quick)
-    spec = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
+    key_fields = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
             "recipe": recipe, "seed": seed}
 
     def build():
@@ -319,7 +319,7 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
         return _restore_sparse(teacher, payload["state_dict"])
 
     file = f"{_file_label(type(teacher).__name__)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
-    payload = cached(file, spec, build,
+    payload = cached(file, key_fields, build,
                      validate=restore, verbose=verbose)
     return restore(payload).eval()
 
@@ -329,7 +329,7 @@ def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, qui
     from . import quant
 
     epochs, lr = MODULE_RETRAIN["epochs"][1 if quick else 0], MODULE_RETRAIN["lr"]
-    spec = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
+    key_fields = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
             "act_bits": act_bits, "method": method, "epochs": epochs, "lr": lr, "seed": seed,
             "structure": quant.retraining.STRUCTURE_VERSION}
 
@@ -344,13 +344,13 @@ def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, qui
 
     def restore(payload):
         net = quant.attach_quantisers(sparse, weight_bits, act_bits)
-        for a in quant.act_quantizers(net).values():
+        for a in quant.act_quantisers(net).values():
             a.calibrating = False
         net.load_state_dict(payload["state_dict"])
         return net
 
     name = f"{_file_label(type(sparse).__name__)}-w{weight_bits}a{act_bits}-{method}"
-    payload = cached(name, spec, build, validate=restore, verbose=verbose)
+    payload = cached(name, key_fields, build, validate=restore, verbose=verbose)
     return restore(payload).eval()
 
 

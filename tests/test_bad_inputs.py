@@ -1038,7 +1038,7 @@ def test_the_cost_report_shows_saturations():
     table = nna.report(program, narrow, saturations=result)
     assert table.set_index("layer")["saturated"].to_dict() == {"in": 0, "fc": 3, "total": 3}
     assert table.set_index("layer").loc["fc", "sum_bits"] == 26
-    assert nna.summary(table)["saturated"] == 3 and nna.summary(table)["accumulator_bits"] == 24
+    assert nna.headline(table)["saturated"] == 3 and nna.headline(table)["accumulator_bits"] == 24
     assert "saturated" not in nna.report(program, narrow).columns  # not measured: no column, never a false 0
     with pytest.raises(ValueError, match="a run with a 24-bit accumulator, but config 'Series2NX-like NNA' has 32"):
         nna.report(program, nna.SERIES2NX, saturations=result)
@@ -1141,7 +1141,7 @@ def test_a_weight_quantiser_names_its_layer(small_data):
     w = torch.ones(3, 4)
     w[1, 1] = float("nan")
     with pytest.raises(ValueError, match=_literal("the weight of layer 'fc9': 1 NaN")):
-        quant.WeightQuantizer(QuantSpec.for_weights(8), w, label="the weight of layer 'fc9'")
+        quant.WeightQuantiser(QuantSpec.for_weights(8), w, label="the weight of layer 'fc9'")
 
 
 @pytest.fixture(scope="module")
@@ -1177,7 +1177,7 @@ def test_retraining_stops_at_the_first_nan_weight(quantised):
 
     net = copy.deepcopy(quantised).train()
     for m in net.modules():
-        if isinstance(m, quant.WeightQuantizer):
+        if isinstance(m, quant.WeightQuantiser):
             m.track = True
     with torch.no_grad():
         net.get_parameter("conv2.parametrizations.weight.original").view(-1)[3] = float("inf")
@@ -1209,7 +1209,7 @@ def test_pruning_a_quantised_model_is_refused_clearly(quantised, call):
     import copy
 
     with pytest.raises(ValueError, match=_literal("layer 'conv1' is quantised (its weight is computed by the "
-                                                  "parametrizations [WeightQuantizer]), so a pruning mask cannot")):
+                                                  "parametrizations [WeightQuantiser]), so a pruning mask cannot")):
         call(copy.deepcopy(quantised))
 
 
@@ -1217,9 +1217,9 @@ def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(small_data):
     net = prune.core_by_fraction(_lenet5(), 0.5)
     q = quant.quantise_model(net, small_data, 5, 8)
     chain = [type(p).__name__ for p in q.get_submodule("fc1").parametrizations.weight]
-    assert chain == ["FixedMask", "WeightQuantizer"]
+    assert chain == ["FixedMask", "WeightQuantiser"]
     assert prune.sparsity(q) >= 0.5
-    with pytest.raises(ValueError, match="parametrizations \\[FixedMask, WeightQuantizer\\]"):
+    with pytest.raises(ValueError, match="parametrizations \\[FixedMask, WeightQuantiser\\]"):
         prune.core_by_fraction(q, 0.9)
 
 

@@ -231,7 +231,7 @@ def test_no_numeric_layer_names_in_tables(builder, shape, data):
     assert not _numeric(summary(model, shape)["layer"])
     assert not _numeric(prune.sparsity_report(prune.core_by_fraction(model, 0.5))["layer"])
     q = quant.quantise_model(builder().eval(), data, 4, 8)
-    assert not _numeric(quant.describe(q)["name"])
+    assert not _numeric(quant.describe_quantisers(q)["name"])
     assert not _numeric(quant.distinct_values(q)["layer"])
     report = nna.report(nna.compile_model(q, shape))
     assert not _numeric(report["layer"])
@@ -267,7 +267,7 @@ def _report(program, data, out: Path) -> str:
     from nnlab.pipeline import STAGES, CompressionResult
 
     table = nna.report(program)
-    s = nna.summary(table)
+    s = nna.headline(table)
     rows = []
     for k, stage in enumerate(STAGES):
         floating = k < 4

@@ -23,7 +23,7 @@ from nnlab.distill import distill, prune_and_distill
 from nnlab.models import LeNet5, VGGSmall
 from nnlab.prune import (GradualCoring, core_by_fraction, core_by_threshold, core_channels, effective_weight,
                          prunable_layers, sensitivity_analysis, sparsity)
-from nnlab.regularize import l1_penalty
+from nnlab.regularise import l1_penalty
 from nnlab.train import accuracy, fit
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -95,14 +95,14 @@ def test_calibration_and_retraining(data, device, method):
     net = _trained(data, device)
     core_by_fraction(net, 0.6)
     q = quant.quantise_model(net, data, 4, 8, device=device)
-    for name, a in quant.act_quantizers(q).items():
+    for name, a in quant.act_quantisers(q).items():
         assert a.scale.device.type == device and a.scale.item() > 0, name
     acc_ptq = accuracy(q, data)
     acc_cpu = accuracy(copy.deepcopy(q).to("cpu"), data)
     assert abs(acc_ptq - acc_cpu) <= 2.0  # the same grids give (nearly) the same predictions anywhere
     quant.retrain(q, data, 1, method=method, lr=0.01, device=device, progress=False)
     for layer in quant.weight_layers(q).values():
-        wq = quant.weight_quantizer(layer)
+        wq = quant.weight_quantiser(layer)
         assert wq.scale.device.type == device
         if method == "random_subset":
             assert wq.priority.device.type == device

@@ -307,11 +307,11 @@ def test_report_columns_and_ratios(tiny_data):
     assert total["macs_dense"] == 416520 and total["fp32_B"] == 4 * 61706
     assert total["storage_B"] == pytest.approx(total[["payload_B", "index_B", "params_B", "padding_B"]].sum())
     assert 3.5 < total["compression"] < 4.0  # 8-bit dense: a bit under 4x because of the parameters
-    s = nna.summary(sparse_t)
+    s = nna.headline(sparse_t)
     assert s["compression"] > 15 and s["energy_ratio"] > 10
     assert s["macs"] < 0.2 * s["macs_dense"]
     assert set(sparse_t["bound"].iloc[:-1]) <= {"compute", "memory", ""}
-    fp32 = nna.summary(nna.report(prog, nna.FP32_BASELINE))
+    fp32 = nna.headline(nna.report(prog, nna.FP32_BASELINE))
     assert fp32["compression"] == pytest.approx(1.0) and fp32["energy_ratio"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="supports 4 to 16 bits"):
         nna.report(nna.requantise_weights(prog, weight_bits=2))

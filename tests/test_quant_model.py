@@ -43,23 +43,23 @@ def test_ptq_keeps_an_ordinary_module_and_the_levels(data, trained):
     q = quant.quantise_model(trained, data, weight_bits=3, act_bits=8)
     # A rewritten copy: a torch.fx GraphModule named after the model; the float model is untouched.
     assert isinstance(q, torch.fx.GraphModule) and type(q).__name__ == "LeNet5"
-    assert not any(isinstance(m, quant.ActQuantizer) for m in trained.modules())
+    assert not any(isinstance(m, quant.ActQuantiser) for m in trained.modules())
     _check_levels(q, 3)
     for name in ("conv1", "conv2", "fc1", "fc2", "fc3"):
         layer = q.get_submodule(name)
-        wq = quant.weight_quantizer(layer)
+        wq = quant.weight_quantiser(layer)
         assert wq.spec.bits == 3 and wq.scale.shape == (layer.weight.shape[0],)
         codes, spec, scale, zp = quant.quantised_weight(layer)
         assert torch.equal(quant.dequantise(codes, spec, scale, zp), layer.weight)
     # Activation quantisers in data-flow order: input, then after each ReLU (or its max pool).
-    assert list(quant.act_quantizers(q)) == ["input_quant", "pool1_quant", "pool2_quant", "relu3_quant", "relu4_quant"]
-    assert quant.act_quantizers(q)["input_quant"].spec.symmetric is False
+    assert list(quant.act_quantisers(q)) == ["input_quant", "pool1_quant", "pool2_quant", "relu3_quant", "relu4_quant"]
+    assert quant.act_quantisers(q)["input_quant"].spec.symmetric is False
     x, _ = next(iter(data.test))
     with torch.no_grad():
         h = q.get_submodule("input_quant")(x)
-        a = quant.act_quantizers(q)["input_quant"]
+        a = quant.act_quantisers(q)["input_quant"]
         assert torch.equal(h, quant.fake_quantise(x, a.spec, a.scale, a.zero_point))
-    table = quant.describe(q)
+    table = quant.describe_quantisers(q)
     assert list(table.kind) == ["activation", "weight"] * 5
     assert accuracy(q, data) > accuracy(trained, data) - 5
 
@@ -67,7 +67,7 @@ def test_ptq_keeps_an_ordinary_module_and_the_levels(data, trained):
 def test_quantiser_after_pool_is_the_same_as_after_relu(data, trained):
     """Max pooling commutes with rounding: quantising after the pool changes no value."""
     q = quant.quantise_model(trained, data, None, 4)
-    aq = quant.act_quantizers(q)["pool1_quant"]
+    aq = quant.act_quantisers(q)["pool1_quant"]
     x, _ = next(iter(data.test))
     with torch.no_grad():
         h = trained[1](trained[0](x))
@@ -81,7 +81,7 @@ def test_high_bits_match_float(data, trained, bits):
     q = quant.quantise_model(trained, data, weight_bits=bits, act_bits=None)
     w, wq = trained[3].weight, q.get_submodule("conv2").weight
     err = (w - wq).abs().max()
-    scale = quant.weight_quantizer(q.get_submodule("conv2")).scale.max()
+    scale = quant.weight_quantiser(q.get_submodule("conv2")).scale.max()
     assert err <= scale / 2 + 1e-6
     if bits == 8:
         assert abs(accuracy(q, data) - accuracy(trained, data)) <= 1.0
@@ -93,9 +93,9 @@ def test_per_layer_overrides(data, trained):
     bits = {"conv1": 8, "conv2": 3, "fc1": 3, "fc2": 3, "fc3": 6}
     table = _check_levels(q, bits)
     assert dict(zip(table.layer, table.bits)) == bits
-    assert quant.weight_quantizer(q.get_submodule("fc3")).spec == spec
-    assert quant.act_quantizers(q)["input_quant"].spec.bits == 6
-    assert quant.act_quantizers(q)["pool1_quant"].spec.bits == 8
+    assert quant.weight_quantiser(q.get_submodule("fc3")).spec == spec
+    assert quant.act_quantisers(q)["input_quant"].spec.bits == 6
+    assert quant.act_quantisers(q)["pool1_quant"].spec.bits == 8
 
 
 def test_bad_arguments(data, trained):
@@ -193,7 +193,7 @@ def test_random_subset_quantises_a_growing_subset(redraw):
     layer = nn.Linear(50, 40)
     q = quant.attach_quantisers(nn.Sequential(layer), 3, None, inplace=True)
     lin = q[0]
-    wq = quant.weight_quantizer(lin)
+    wq = quant.weight_quantiser(lin)
     w = lin.parametrizations.weight.original
     full = quant.fake_quantise(w, wq.spec, wq.scale, wq.zero_point)
     q.train()
@@ -233,7 +233,7 @@ def test_weights_only_on_any_module(data):
     net = LeNet300100()
     q = quant.attach_quantisers(net, 5, None)
     _check_levels(q, 5)
-    assert not quant.act_quantizers(q)
+    assert not quant.act_quantisers(q)
 
 
 def test_pretrained_quantised_is_cached(data, monkeypatch):
@@ -250,4 +250,4 @@ def test_pretrained_quantised_is_cached(data, monkeypatch):
     assert len(calls) == 1
     assert a.nnlab_metrics["top1"] == b.nnlab_metrics["top1"] == accuracy(b, data)
     _check_levels(b, 4)
-    assert all(not q.calibrating for q in quant.act_quantizers(b).values())
+    assert all(not q.calibrating for q in quant.act_quantisers(b).values())

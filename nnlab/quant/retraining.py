@@ -48,28 +48,34 @@ import torch
 from torch import nn
 
 from .._args import check_choice, check_float, check_int, check_positive_int
+from .._deprecated import renamed
 from ..distributed import is_distributed, shared_generator
 from ..train import Callback, evaluate, fit
-from .model import (act_quantizers, attach_quantisers, freeze, quantise_model, quantiser_input, weight_layers,
-                    weight_quantizer)
+from .model import (act_quantisers, attach_quantisers, freeze, quantise_model, quantiser_input, weight_layers,
+                    weight_quantiser)
 
-__all__ = ["METHODS", "SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
+__all__ = ["METHODS", "SUBSET_SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
 
 METHODS = ("ste", "random_subset")
-SCHEDULES = ("linear", "steps", "constant")
+#: How :class:`RandomSubset` grows the quantised share of the weights (the learning-rate schedules are
+#: :data:`nnlab.train.SCHEDULES`).
+SUBSET_SCHEDULES = ("linear", "steps", "constant")
+#: Deprecated names (old -> new), served with a DeprecationWarning until the next release.
+RENAMED = {"SCHEDULES": "SUBSET_SCHEDULES"}
+__getattr__ = renamed(__name__, RENAMED, globals())
 #: How scales behave while retraining: follow the weights (no gradient), or learned (LSQ).
 SCALE_MODES = ("follow", "learned")
 
 
-def _quantizers(model):
-    qs = [weight_quantizer(layer) for layer in weight_layers(model).values()]
+def _quantisers(model):
+    qs = [weight_quantiser(layer) for layer in weight_layers(model).values()]
     return [q for q in qs if q is not None]
 
 
 class RandomSubset(Callback):
     """A :func:`nnlab.train.fit` callback that grows the randomly chosen quantised subset of the weights.
 
-    Before each step it sets every WeightQuantizer's ``fraction`` from the
+    Before each step it sets every WeightQuantiser's ``fraction`` from the
     schedule (and draws a new subset when ``redraw`` is True).
 
     Args:
@@ -97,7 +103,7 @@ class RandomSubset(Callback):
     def __init__(self, schedule: str | Callable = "linear", start: float = 0.25, full_at: float = 0.75,
                  stages: int = 3, redraw: bool = True, seed: int | None = None):
         if not callable(schedule):
-            check_choice("schedule", schedule, SCHEDULES)
+            check_choice("schedule", schedule, SUBSET_SCHEDULES)
         self.schedule = schedule
         self.start = check_float("start", start, 0.0, 1.0)
         self.full_at = check_float("full_at", full_at, 0.0, 1.0)
@@ -141,7 +147,7 @@ class RandomSubset(Callback):
     def on_step_start(self, step, total_steps, model):
         frac = self.fraction(step / max(1, total_steps))
         self.history.append(frac)
-        for q in _quantizers(model):
+        for q in _quantisers(model):
             q.set_subset(frac, redraw=self.redraw, generator=self.generator(q.scale.device))
 
 
@@ -190,18 +196,18 @@ def retrain(
     """
     check_choice("method", method, METHODS)
     check_choice("scales", scales, SCALE_MODES)
-    quantizers = _quantizers(model)
-    if not quantizers:
-        raise ValueError("model has no WeightQuantizer; quantise it first with nnlab.quant.quantise_model")
+    quantisers = _quantisers(model)
+    if not quantisers:
+        raise ValueError("model has no WeightQuantiser; quantise it first with nnlab.quant.quantise_model")
     subset = None
     if method == "random_subset":
         subset = RandomSubset(schedule, start=start, full_at=full_at, stages=stages, redraw=redraw)
         callbacks = (subset, *callbacks)
-    for a in act_quantizers(model).values():
+    for a in act_quantisers(model).values():
         if a.calibrating:
             raise ValueError("calibrate the activation quantisers before retraining (nnlab.quant.calibrate)")
     for layer in weight_layers(model).values():
-        q = weight_quantizer(layer)
+        q = weight_quantiser(layer)
         if q is None:
             continue
         q.track = scales == "follow"
@@ -209,7 +215,7 @@ def retrain(
         if scales == "learned" and not q.learning:
             q.learn_scale(quantiser_input(layer), init="lsq")
     if scales == "learned":
-        for a in act_quantizers(model).values():
+        for a in act_quantisers(model).values():
             if not a.learning:
                 a.learn_scale()
     try:
@@ -294,11 +300,11 @@ def pretrained_quantised(
 
     options = {"granularity": granularity, "overrides": overrides}
     # "structure": how quantisers are placed and named (2: on the traced graph, a GraphModule's state dict).
-    spec = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
+    key_fields = {"model": model, "weight_bits": weight_bits, "act_bits": act_bits, "method": method,
             "epochs": epochs, "sparsity": sparsity, "granularity": granularity, "overrides": overrides,
             "lr": lr, "data": data.fingerprint, "seed": seed, "quick": quick, "structure": STRUCTURE_VERSION}
     if scales != "follow":  # entries retrained with scales that follow the weights keep their cache keys
-        spec["scales"] = scales
+        key_fields["scales"] = scales
 
     def build():
         if verbose:
@@ -311,12 +317,12 @@ def pretrained_quantised(
             retrain(qmodel, data, epochs, method=method, scales=scales, lr=lr, seed=seed, device=device,
                     progress=verbose)
         qmodel.to("cpu")
-        metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in spec.items() if k != "data"}}
+        metrics = {"top1": evaluate(qmodel, data)["top1"], **{k: v for k, v in key_fields.items() if k != "data"}}
         return {"state_dict": qmodel.state_dict(), "metrics": metrics}
 
     def skeleton():
         net = attach_quantisers(base(), weight_bits, act_bits, **options)
-        for a in act_quantizers(net).values():
+        for a in act_quantisers(net).values():
             a.calibrating = False
         return net
 
@@ -325,7 +331,7 @@ def pretrained_quantised(
 
     sp = "" if sparsity is None else f"-sparse{round(100 * sparsity)}"
     lsq = "-lsq" if scales == "learned" else ""
-    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}{lsq}", spec, build,
+    payload = cache.cached(f"{model}{sp}-w{weight_bits}a{act_bits}-{method}{lsq}", key_fields, build,
                            validate=validate, verbose=verbose)
     net = skeleton()
     net.load_state_dict(payload["state_dict"])
