@@ -1096,11 +1096,6 @@ def test_the_quantisers_never_turn_nan_into_a_level():
         quant.compute_qparams(torch.tensor([1.0, 2.0, float("inf")]), spec)
 
 
-@pytest.fixture(scope="module")
-def small_data():
-    return nd.load_data(train_limit=256, test_limit=128, verbose=False)
-
-
 def _lenet5():
     from nnlab.models import build_model
 
@@ -1117,27 +1112,27 @@ def test_calibration_refuses_non_finite_images(value, method):
         quant.quantise_model(_lenet5(), [(x, torch.zeros(4, dtype=torch.long))], 8, 8, act_method=method)
 
 
-def test_calibration_names_the_quantiser_that_overflows(small_data):
+def test_calibration_names_the_quantiser_that_overflows(tiny_data):
     net = _lenet5()
     with torch.no_grad():
         net.fc1.weight.fill_(3e38)  # finite weights, infinite activations after fc1
     with pytest.raises(ValueError, match=r"the activations at 'relu3_quant' \(calibration batch 1\): 0 NaN and"):
-        quant.quantise_model(net, small_data, None, 8)
+        quant.quantise_model(net, tiny_data, None, 8)
 
 
 @pytest.mark.parametrize("where", ["conv2.weight", "fc3.bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("weight_bits", [8, None])
-def test_quantising_a_model_with_a_non_finite_parameter_names_it(small_data, where, value, weight_bits):
+def test_quantising_a_model_with_a_non_finite_parameter_names_it(tiny_data, where, value, weight_bits):
     net = _lenet5()
     with torch.no_grad():
         net.get_parameter(where).view(-1)[0] = value
     layer, what = where.split(".")
     with pytest.raises(ValueError, match=_literal(f"layer {layer!r}: its {what}: ")):
-        quant.quantise_model(net, small_data, weight_bits, 8)
+        quant.quantise_model(net, tiny_data, weight_bits, 8)
 
 
-def test_a_weight_quantiser_names_its_layer(small_data):
+def test_a_weight_quantiser_names_its_layer(tiny_data):
     w = torch.ones(3, 4)
     w[1, 1] = float("nan")
     with pytest.raises(ValueError, match=_literal("the weight of layer 'fc9': 1 NaN")):
@@ -1145,8 +1140,8 @@ def test_a_weight_quantiser_names_its_layer(small_data):
 
 
 @pytest.fixture(scope="module")
-def quantised(small_data):
-    return quant.quantise_model(_lenet5(), small_data, 5, 8)
+def quantised(tiny_data):
+    return quant.quantise_model(_lenet5(), tiny_data, 5, 8)
 
 
 @pytest.mark.parametrize("where,message", [
@@ -1213,9 +1208,9 @@ def test_pruning_a_quantised_model_is_refused_clearly(quantised, call):
         call(copy.deepcopy(quantised))
 
 
-def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(small_data):
+def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(tiny_data):
     net = prune.core_by_fraction(_lenet5(), 0.5)
-    q = quant.quantise_model(net, small_data, 5, 8)
+    q = quant.quantise_model(net, tiny_data, 5, 8)
     chain = [type(p).__name__ for p in q.get_submodule("fc1").parametrizations.weight]
     assert chain == ["FixedMask", "WeightQuantiser"]
     assert prune.sparsity(q) >= 0.5

@@ -6,22 +6,16 @@ import torch
 from torch import nn
 
 from nnlab import nna, quant
-from nnlab.data import load_data
 from nnlab.models import LeNet5
 from nnlab.train import accuracy, fit
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(train_limit=1000, test_limit=200, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def trained(data):
+def trained(medium_data):
     torch.manual_seed(0)
     net = LeNet5()
-    fit(net, data, 4, optimizer="adam", lr=3e-3, progress=False)
-    assert accuracy(net, data) > 85
+    fit(net, medium_data, 4, optimizer="adam", lr=3e-3, progress=False)
+    assert accuracy(net, medium_data) > 85
     return net
 
 
@@ -110,13 +104,13 @@ def test_learn_scale_trains_then_freeze_keeps_the_learned_grid(trained):
     assert torch.equal(quant.weight_quantiser(fresh.fc1).scale, learned)
 
 
-def test_bad_arguments(data, trained):
-    q = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
+def test_bad_arguments(medium_data, trained):
+    q = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
     layer = q.get_submodule("fc1")
     with pytest.raises(ValueError, match="init"):
         quant.weight_quantiser(layer).learn_scale(quant.quantiser_input(layer), init="median")
     with pytest.raises(ValueError, match="scales"):
-        quant.retrain(q, data, 1, scales="learnt", progress=False)
+        quant.retrain(q, medium_data, 1, scales="learnt", progress=False)
     fresh = quant.attach_quantisers(trained, 2, 8)
     with pytest.raises(ValueError, match="calibrat"):
         quant.act_quantisers(fresh)["input_quant"].learn_scale()
@@ -127,13 +121,13 @@ def test_bad_arguments(data, trained):
 
 
 @pytest.mark.parametrize("method", ["ste", "random_subset"])
-def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(data, trained, method):
+def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(medium_data, trained, method):
     accs = {}
     for scales in ("follow", "learned"):
-        q = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
+        q = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
         before = {n: a.scale.clone() for n, a in quant.act_quantisers(q).items()}
-        quant.retrain(q, data, 3, method=method, scales=scales, lr=0.05, seed=0, progress=False)
-        accs[scales] = accuracy(q, data)
+        quant.retrain(q, medium_data, 3, method=method, scales=scales, lr=0.05, seed=0, progress=False)
+        accs[scales] = accuracy(q, medium_data)
     assert accs["learned"] > accs["follow"] + 2, accs
     acts = quant.act_quantisers(q)
     assert not any(a.learning for a in acts.values())
@@ -144,7 +138,7 @@ def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(data, trai
         wg = program.layer(name).weight_grid
         assert np.all(wg.scale == np.float32(quant.weight_quantiser(layer).scale.item())), name
     assert program.layer("fc1").in_grid == acts["pool2_quant"].grid()
-    result = nna.agreement(program, q, data)
+    result = nna.agreement(program, q, medium_data)
     assert result["agreement"] >= 99.0, result
 
 

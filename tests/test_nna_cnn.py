@@ -99,11 +99,6 @@ NETWORKS = {
 
 
 @pytest.fixture(scope="module")
-def data():
-    return nnlab.data.load_data(verbose=False)
-
-
-@pytest.fixture(scope="module")
 def trained(data):
     """Each network trained briefly, once (nnlab.cache.cached), then loaded."""
     nets = {}

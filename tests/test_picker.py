@@ -10,16 +10,10 @@ import pytest
 import torch
 
 from nnlab import nna, quant
-from nnlab.data import load_data
 from nnlab.models import build_model
 
 BITS = (4, 8, 16)
 SPARSITIES = (0.0, 0.5)
-
-
-@pytest.fixture(scope="module")
-def data():
-    return load_data("mnist", verbose=False)
 
 
 @pytest.fixture(scope="module")
