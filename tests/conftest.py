@@ -89,6 +89,29 @@ def pretrained_program(data):
     return nna.compile_model(nnlab.quant.quantise_model(net, data, 16, 8))
 
 
+#: The bit-depths and sparsities of ``picker_table``.
+PICKER_BITS = (4, 8, 16)
+PICKER_SPARSITIES = (0.0, 0.5)
+
+
+@pytest.fixture(scope="session")
+def picker_net():
+    """An untrained LeNet-5 (seed 0): costs and the budget picker's knapsack do not need accuracy."""
+    from nnlab.models import build_model
+
+    torch.manual_seed(0)
+    return build_model("lenet5").eval()
+
+
+@pytest.fixture(scope="session")
+def picker_table(picker_net, data, picker_grid):
+    """``quant.measure_sensitivity`` of ``picker_net`` over ``picker_grid``, on 32 images."""
+    from nnlab import quant
+
+    return quant.measure_sensitivity(picker_net, data, bits=picker_grid["bits"], sparsities=picker_grid["sparsities"],
+                                     images=32)
+
+
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()

@@ -147,3 +147,28 @@ def test_explorer_validates(data, pretrained_program):
         explorer.update(bits={"fc1": 1})
     with pytest.raises(ValueError, match="names layer"):
         explorer.update(sparsity={"8": 0.5})
+
+
+# -- budget explorer ---------------------------------------------------------------------------------
+
+def test_budget_explorer_moves_the_choice_with_the_slider(picker_net, data, picker_table, picker_grid):
+    from nnlab.widgets import BudgetExplorer, budget_explorer
+
+    explorer = budget_explorer(picker_net, data, sensitivity=picker_table, max_test=64)
+    assert explorer.image.value[:4] == b"\x89PNG" and "accuracy" in explorer.label.value
+    assert len(explorer.uniform) == len(picker_grid["bits"]) * len(picker_grid["sparsities"])
+    assert explorer.uniform["accuracy"].between(0, 100).all()
+    image, label = explorer.image.value, explorer.label.value
+    explorer.slider.value = explorer.slider.min  # a slider move triggers an update
+    tight = dict(explorer.result)
+    assert tight["budget"] == pytest.approx(explorer.slider.min)
+    assert tight["storage_bytes"] <= explorer.slider.min
+    assert explorer.image.value != image and explorer.label.value != label
+    explorer.slider.value = explorer.slider.max
+    loose = dict(explorer.result)
+    assert loose["bits"] != tight["bits"]
+    assert set(loose["bits"].values()) == {16}, "the whole range affords the reference everywhere"
+    with pytest.raises(ValueError, match="budget must be one of"):
+        BudgetExplorer(picker_net, data, budget="budget_watts", sensitivity=picker_table)
+    with pytest.raises(ValueError, match="value must be a budget_bytes between"):
+        BudgetExplorer(picker_net, data, sensitivity=picker_table, value=1.0)
