@@ -226,21 +226,6 @@ def test_html_report_fits_a_1300_pixel_window(program, data, tmp_path):
     assert width <= 1300 and not too_wide, (width, too_wide)
 
 
-def test_pareto_points_are_distinguishable():
-    from nnlab.plots import plot_stages
-
-    stages = pd.DataFrame({"stage": ["fp32", "pruned", "distilled", "nna"], "accuracy": [99.1, 99.0, 99.05, 98.9],
-                           "energy_uj": [65.0, 65.0, 65.0, 2.0]})
-    ax = plot_stages(stages).axes[0]
-    markers = [(c.get_paths()[0].vertices.tobytes(), tuple(c.get_edgecolor()[0])) for c in ax.collections]
-    assert len(set(markers)) == 4  # each stage its own shape and colour
-    assert all(len(c.get_facecolor()) == 0 or c.get_facecolor()[0][3] == 0 for c in ax.collections)  # hollow
-    numbers = sorted((t.get_text(), t.get_position()) for t in ax.texts)
-    assert [n for n, _ in numbers] == ["1", "2", "3", "4"]
-    offsets = {t.get_text(): t.xyann[0] for t in ax.texts}
-    assert len({offsets["1"], offsets["2"]}) == 2  # same cost: numbers on both sides
-
-
 # -- one repository address for every badge -----------------------------------------------------------
 
 def test_badges_agree_with_the_configured_address():

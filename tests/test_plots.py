@@ -44,3 +44,16 @@ def test_nna_plots_draw(data, pretrained_program):
     assert plot_stages(stages).axes[0].get_xscale() == "log"
     with pytest.raises(TypeError, match="report"):
         plot_nna_costs(pd.DataFrame({"a": [1]}))
+
+
+def test_pareto_points_are_distinguishable():
+    stages = pd.DataFrame({"stage": ["fp32", "pruned", "distilled", "nna"], "accuracy": [99.1, 99.0, 99.05, 98.9],
+                           "energy_uj": [65.0, 65.0, 65.0, 2.0]})
+    ax = plot_stages(stages).axes[0]
+    markers = [(c.get_paths()[0].vertices.tobytes(), tuple(c.get_edgecolor()[0])) for c in ax.collections]
+    assert len(set(markers)) == 4  # each stage its own shape and colour
+    assert all(len(c.get_facecolor()) == 0 or c.get_facecolor()[0][3] == 0 for c in ax.collections)  # hollow
+    numbers = sorted((t.get_text(), t.get_position()) for t in ax.texts)
+    assert [n for n, _ in numbers] == ["1", "2", "3", "4"]
+    offsets = {t.get_text(): t.xyann[0] for t in ax.texts}
+    assert len({offsets["1"], offsets["2"]}) == 2  # same cost: numbers on both sides
