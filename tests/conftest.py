@@ -89,9 +89,10 @@ def pretrained_program(data):
     return nna.compile_model(nnlab.quant.quantise_model(net, data, 16, 8))
 
 
-#: The bit-depths and sparsities of ``picker_table``.
-PICKER_BITS = (4, 8, 16)
-PICKER_SPARSITIES = (0.0, 0.5)
+@pytest.fixture(scope="session")
+def picker_grid():
+    """The bit-depths and sparsities ``picker_table`` measures."""
+    return {"bits": (4, 8, 16), "sparsities": (0.0, 0.5)}
 
 
 @pytest.fixture(scope="session")
