@@ -188,7 +188,7 @@ def run(args) -> dict:
     probe = quant.attach_quantisers(teacher, args.weight_bits, args.act_bits)
     quant.calibrate(probe, train, 1)
     for q in quant.weight_layers(probe).values():
-        quant.weight_quantizer(q).track = True  # as while retraining: the grid follows the weights
+        quant.weight_quantiser(q).track = True  # as while retraining: the grid follows the weights
     x, y = next(iter(train))
     timed = time_training_steps({"fp32": D.wrap(copy.deepcopy(teacher), device), "qat": D.wrap(probe, device)},
                          (x, y), device=device, rounds=5 if quick else 20, steps=3)

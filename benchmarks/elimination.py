@@ -47,7 +47,7 @@ def main(argv=None) -> dict:
     from nnlab.data import load_data
     from nnlab.distill import distill, prune_and_distill
     from nnlab.prune import core_by_fraction
-    from nnlab.regularize import l1_penalty, share_near_zero
+    from nnlab.regularise import l1_penalty, share_near_zero
     from nnlab.train import accuracy
     from nnlab.widgets import coring_explorer
 

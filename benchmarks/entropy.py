@@ -43,7 +43,7 @@ def measure(model: str, sparsity: float, bits: int, data) -> dict:
     start = time.perf_counter()
     result = compress(model, sparsity=sparsity, weight_bits=bits, act_bits=8, hardware=hardware, verbose=False)
     head = result.headline()
-    packed = nna.summary(nna.report(result.program, nna.SERIES2NX.replace(min_bits=min(4, bits))))
+    packed = nna.headline(nna.report(result.program, nna.SERIES2NX.replace(min_bits=min(4, bits))))
     return {
         "model": model, "sparsity": sparsity, "weight_bits": bits,
         "accuracy_fp32": head["accuracy_fp32"], "accuracy_nna": head["accuracy_nna"],

@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     base = quant.quantise_model(build_model("lenet5"), data, 4, 8)
     for m in base.modules():
-        if isinstance(m, quant.WeightQuantizer):
+        if isinstance(m, quant.WeightQuantiser):
             m.track = True
     nets = {on: copy.deepcopy(base).train() for on in (True, False)}
     opts = {on: torch.optim.SGD(nets[on].parameters(), lr=1e-3, momentum=0.9) for on in nets}

@@ -119,7 +119,7 @@ def model_figures(name: str, data, *, weight_bits: int = 8, act_bits: int = 8, r
     program = nna.compile_model(qmodel, data.input_shape, name=f"{name} w{weight_bits}a{act_bits}")
     agree = nna.agreement(program, qmodel, data, mode="torch")
     agree_int = nna.agreement(program, qmodel, data, mode="integer")
-    summary = nna.summary(nna.report(program, nna.SERIES2NX))
+    summary = nna.headline(nna.report(program, nna.SERIES2NX))
 
     # PyTorch's own int8 flow, where nnlab's import covers the network.
     mismatches, note = None, None
@@ -210,8 +210,8 @@ def main(argv=None) -> dict:
                                               data=data, verbose=False)
     program = nna.compile_model(qmodel, name=f"LeNet-5 {sparsity:.0%} sparse, {weight_bits}-bit")
     agree = nna.agreement(program, qmodel, data)
-    summary = nna.summary(nna.report(program, nna.SERIES2NX))
-    entropy = nna.summary(nna.report(program, nna.SERIES2NX_HUFFMAN))
+    summary = nna.headline(nna.report(program, nna.SERIES2NX))
+    entropy = nna.headline(nna.report(program, nna.SERIES2NX_HUFFMAN))
 
     # Speed: batch 256, one thread, interleaved so that both see the same machine load.
     sim_ips, torch_ips = _images_per_s(program, base, data, pick(full=7, quick=3), 3)

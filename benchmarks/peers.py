@@ -193,14 +193,14 @@ def prepare_for_timing(tool, model):
         return model
     learned = tool.endswith("-lsq")
     for layer in quant.weight_layers(model).values():
-        q = quant.weight_quantizer(layer)
+        q = quant.weight_quantiser(layer)
         q.track = not learned
         if learned:
             q.learn_scale(quant.quantiser_input(layer))
         if "random_subset" in tool:
             q.set_subset(0.5, redraw=True)
     if learned:
-        for a in quant.act_quantizers(model).values():
+        for a in quant.act_quantisers(model).values():
             a.learn_scale()
     return model
 

@@ -74,7 +74,7 @@ def main(argv=None) -> dict:
     batch = next(iter(data.train))
     qat = quant.quantise_model(base, data, 4, act_bits, granularity=granularity)
     for layer in quant.weight_layers(qat).values():
-        quant.weight_quantizer(layer).track = True  # as during retraining: the grid follows the weights
+        quant.weight_quantiser(layer).track = True  # as during retraining: the grid follows the weights
     steps = time_training_steps({"fp32": copy.deepcopy(base), "qat": qat}, batch, rounds=30, warmup=1)
     say(f"one training step (batch 64, 1 thread): fp32 {1e3 * steps['fp32']:.2f} ms, "
         f"QAT {1e3 * steps['qat']:.2f} ms ({steps['qat'] / steps['fp32']:.2f}x)")

@@ -24,8 +24,9 @@ __all__ = ["__version__", "about", "available_cpus", "cache_dir", "config", "pic
 
 config.apply_threads_when_torch_loads()
 
-_SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularize", "quant", "plots", "widgets",
-               "nna", "checks", "pipeline", "cli", "distributed", "graph", "export", "recipes", "base"}
+_SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularise", "quant", "plots", "widgets",
+               "nna", "checks", "pipeline", "cli", "distributed", "graph", "export", "recipes", "base",
+               "sweep", "regularize"}  # regularize: the deprecated spelling of regularise: importing it warns
 
 
 def __getattr__(name):

@@ -163,7 +163,7 @@ def check_module_fits(module, input_shape: tuple, num_classes: int, dataset: str
     import torch
     from torch import nn
 
-    from .quant import act_quantizer_names
+    from .quant import act_quantiser_names
 
     if not isinstance(module, nn.Module):
         raise TypeError(f"model must be a model name, {FACTORY_FORM} or a torch.nn.Module, got "
@@ -184,7 +184,7 @@ def check_module_fits(module, input_shape: tuple, num_classes: int, dataset: str
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ValueError(f"model {type(module).__name__} gives outputs of shape {got} for one of {what}, but "
                          f"the data set has {num_classes} classes: (1, {num_classes}) is needed")
-    act_quantizer_names(net)  # traces and classifies every node: an unsupported one is named now
+    act_quantiser_names(net)  # traces and classifies every node: an unsupported one is named now
 
 
 def resolve_model(model, seed: int = 0):

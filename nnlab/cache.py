@@ -74,9 +74,9 @@ RECIPES = {
 }
 
 
-def cache_key(spec: dict) -> str:
+def cache_key(key_fields: dict) -> str:
     """Short stable hash of a JSON-serialisable description."""
-    text = json.dumps(spec, sort_keys=True, default=str)
+    text = json.dumps(key_fields, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -118,7 +118,7 @@ def atomic_save(obj, path: str | os.PathLike) -> None:
     atomic_write(path, _serialise(obj))
 
 
-def write_entry(path: str | os.PathLike, key: str, spec: dict, payload) -> None:
+def write_entry(path: str | os.PathLike, key: str, key_fields: dict, payload) -> None:
     """Write a cache file: magic line, SHA-256 line, then a JSON header line and the ``torch.save`` bytes.
 
     The checksum covers everything after it (header and payload).
@@ -126,7 +126,8 @@ def write_entry(path: str | os.PathLike, key: str, spec: dict, payload) -> None:
     Raises:
         OSError: the file cannot be written.
     """
-    header = json.dumps({"format": FORMAT, "key": key, "spec": spec}, sort_keys=True, default=str).encode()
+    # The header names the key fields "spec", as every file written so far does.
+    header = json.dumps({"format": FORMAT, "key": key, "spec": key_fields}, sort_keys=True, default=str).encode()
     body = header + b"\n" + _serialise(payload)
     digest = hashlib.sha256(body).hexdigest().encode()
     atomic_write(path, MAGIC + b"sha256 " + digest + b"\n" + body)
@@ -178,13 +179,13 @@ def _one_line(exc: BaseException) -> str:
     return (text or type(exc).__name__)[:160]
 
 
-def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callable[[dict], None] | None = None,
+def cached(name: str, key_fields: dict, build: Callable[[], dict], *, validate: Callable[[dict], None] | None = None,
            verbose: bool = True, environment_key: bool = True) -> dict:
-    """Return the dict that ``build()`` makes, computing it once per ``spec``.
+    """Return the dict that ``build()`` makes, computing it once per ``key_fields``.
 
     Args:
         name: readable prefix of the file name, e.g. ``"lenet5-pruned90"``.
-        spec: everything the result depends on (JSON-serialisable); it is
+        key_fields: everything the result depends on (JSON-serialisable); it is
             hashed into the file name and checked again on load.
         build: makes the payload: a dict of tensors, numbers, strings, lists
             and dicts (what ``torch.load(weights_only=True)`` accepts), e.g.
@@ -202,10 +203,10 @@ def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callab
         directory, disk full) a :class:`CacheWarning` says so and the
         payload is returned all the same.
     """
-    spec = {**spec, "format": FORMAT}
+    key_fields = {**key_fields, "format": FORMAT}
     if environment_key:
-        spec["environment"] = environment()
-    key = cache_key(spec)
+        key_fields["environment"] = environment()
+    key = cache_key(key_fields)
     path = config.cache_dir(create=False) / "models" / f"{name}-{key}.pt"
     if path.exists():
         try:
@@ -223,7 +224,7 @@ def cached(name: str, spec: dict, build: Callable[[], dict], *, validate: Callab
                 warnings.warn(message, CacheWarning, stacklevel=2)
     payload = build()
     try:
-        write_entry(path, key, spec, payload)
+        write_entry(path, key, key_fields, payload)
     except OSError as exc:
         warnings.warn(f"nnlab: could not write the model cache file {path} ({type(exc).__name__}: "
                       f"{_one_line(exc)}); the result is returned but will be computed again next time. "
@@ -323,8 +324,8 @@ def pretrained(
     quick = config.quick_mode() if quick is None else bool(quick)
     epochs = recipe["epochs"][1 if quick else 0]
     if data is None:
-        spec = DATASETS[dataset]
-        check_model_fits(model, (spec.channels, spec.size, spec.size), len(spec.classes), dataset)
+        ds = DATASETS[dataset]
+        check_model_fits(model, (ds.channels, ds.size, ds.size), len(ds.classes), dataset)
         data = load_data(dataset, source, verbose=verbose)
     else:
         check_model_fits(model, data.input_shape, data.num_classes, data.name)
@@ -333,7 +334,7 @@ def pretrained(
     # as those that fit the images, so that a changed architecture never loads weights trained for another.
     cls, defaults = MODELS[model]
     architecture = {"builder": _builder_name(cls), **defaults, **kwargs}
-    spec = {"model": model, "model_kwargs": kwargs, "architecture": architecture, "num_classes": data.num_classes,
+    key_fields = {"model": model, "model_kwargs": kwargs, "architecture": architecture, "num_classes": data.num_classes,
             "data": data.fingerprint, "recipe": recipe, "epochs": epochs, "seed": seed}
 
     def build():
@@ -359,7 +360,7 @@ def pretrained(
         float(payload["metrics"]["top1"])
 
     name = f"{model.replace(':', '-')}-{data.name}-{data.source}"  # no ':' in file names (Windows)
-    payload = cached(name, spec, build, validate=validate, verbose=verbose)
+    payload = cached(name, key_fields, build, validate=validate, verbose=verbose)
     net = fresh()
     net.load_state_dict(payload["state_dict"])
     net.nnlab_metrics = dict(payload["metrics"])

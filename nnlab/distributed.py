@@ -28,7 +28,7 @@ Why the ranks stay identical
   are identical, by deterministic code, so every rank computes the same mask.
   (:func:`broadcast_model_state` copies rank 0's masks too, if you ever need
   to force it.)
-* **Calibration** (:class:`nnlab.quant.ActQuantizer`): when the process group
+* **Calibration** (:class:`nnlab.quant.ActQuantiser`): when the process group
   is initialised, the observed activation ranges are all-reduced (MIN of the
   lows, MAX of the highs) before the scale is fixed, so every rank gets the
   scale of all the images seen by all the ranks.  :func:`nnlab.quant.calibrate`
@@ -74,7 +74,7 @@ Rules that keep the ranks together:
   inside a DDP wrapper, never the wrapper): wrap the quantised copy again to
   retrain it;
 * layer names: :mod:`nnlab.quant`, :mod:`nnlab.prune` and
-  :mod:`nnlab.regularize` look inside the wrapper, so layers keep the plain
+  :mod:`nnlab.regularise` look inside the wrapper, so layers keep the plain
   model's names (``"conv1"``, ``"conv2"`` ... in LeNet-5) whether wrapped or not;
 * the batch size of :func:`distributed_loader` is per rank: N ranks with 64
   images each train with batches of ``64 * N`` images; scale the learning

@@ -671,7 +671,7 @@ def _program(model, input_shape):
 
     from . import nna
     from .nna.program import Program
-    from .quant import weight_layers, weight_quantizer
+    from .quant import weight_layers, weight_quantiser
 
     if isinstance(model, Program):
         return model
@@ -679,7 +679,7 @@ def _program(model, input_shape):
         raise TypeError(f"model must be a quantised torch.nn.Module (nnlab.quant.quantise_model) or an "
                         f"nnlab.nna.Program, got {type(model).__name__}")
     layers = weight_layers(model)
-    float_layers = [name for name, m in layers.items() if weight_quantizer(m) is None]
+    float_layers = [name for name, m in layers.items() if weight_quantiser(m) is None]
     if layers and len(float_layers) == len(layers):
         raise ValueError(f"model is a float model (no quantised weights in {', '.join(float_layers[:4])}"
                          f"{' ...' if len(float_layers) > 4 else ''}); ONNX export writes a quantised network: "

@@ -11,7 +11,7 @@ exactly as they run.
 Three steps:
 
 1. :func:`trace`: ``torch.fx`` symbolic tracing with :class:`Tracer`, which
-   keeps Conv2d, Linear (parametrized ones included), nnlab's ``ActQuantizer``
+   keeps Conv2d, Linear (parametrized ones included), nnlab's ``ActQuantiser``
    and every other ``torch.nn`` layer as one node each and opens containers
    (``Sequential``, custom blocks).  A model fx cannot trace (Python control
    flow on tensor values, ``.item()`` ...) gets a :class:`GraphError` naming
@@ -57,7 +57,7 @@ PRODUCERS = ("conv2d", "linear", "add", "cat", "avgpool2d")
 SUPPORTED = ("Conv2d (any stride, padding, dilation and groups, zero padding), Linear, BatchNorm1d/2d right after "
              "them (folded), ReLU, ReLU6, Hardtanh (fused as clamps), MaxPool2d, AvgPool2d, AdaptiveAvgPool2d and "
              "mean over H and W, Flatten/flatten/view/reshape to (N, features), Dropout, Identity, "
-             "the sum of two tensors (+, torch.add), torch.cat along channels, and nnlab's ActQuantizer")
+             "the sum of two tensors (+, torch.add), torch.cat along channels, and nnlab's ActQuantiser")
 
 
 #: Key of ``GraphModule.meta`` that keeps the traced model's class name.
@@ -70,7 +70,7 @@ class GraphError(ValueError):
 
 # ----------------------------------------------------------------------------- tracing
 def is_act_quantiser(m: nn.Module) -> bool:
-    """Whether ``m`` is an activation quantiser (:class:`nnlab.quant.ActQuantizer` or a subclass).
+    """Whether ``m`` is an activation quantiser (:class:`nnlab.quant.ActQuantiser` or a subclass).
 
     The class says so itself (``ACT_QUANTISER = True``), so that the graph,
     which the quantisers are built on, needs not import them.
@@ -82,7 +82,7 @@ class Tracer(fx.Tracer):
     """``torch.fx`` tracer with nnlab's leaves.
 
     Leaves (one ``call_module`` node each): Conv2d and Linear (also when
-    their weight is parametrized), nnlab's ActQuantizer, and every other
+    their weight is parametrized), nnlab's ActQuantiser, and every other
     module of ``torch.nn`` / ``torch.ao.nn`` except containers.  Containers
     and custom modules are opened, so the graph shows what ``forward`` does.
     """

@@ -680,7 +680,7 @@ def _layer_macs(module, shape) -> int:
 
 #: Operations that change values in place and need no new activation buffer.
 IN_PLACE = ("ReLU", "ReLU6", "Hardtanh", "Identity", "Dropout", "Flatten", "BatchNorm1d", "BatchNorm2d",
-            "ActQuantizer", "relu", "relu6", "hardtanh", "dropout", "flatten", "view", "reshape", "contiguous")
+            "ActQuantiser", "relu", "relu6", "hardtanh", "dropout", "flatten", "view", "reshape", "contiguous")
 
 
 def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFrame:

@@ -82,7 +82,7 @@ from .models import upgrade_state_dict
 from .recipes import core_and_distil, pretrained_quantised, pretrained_sparse, train_once
 from .recipes import restore_sparse as _restore_sparse
 from .recipes import sparse_recipe as _sparse_recipe
-from .regularize import l1_penalty
+from .regularise import l1_penalty
 from .nna.engine import MAX_ACCUMULATOR_BITS
 from .train import accuracy, fit
 
@@ -201,7 +201,7 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
     else:
         program = nna.compile_model(model, data.input_shape)
         table = nna.report(program, hardware)
-    s = nna.summary(table)
+    s = nna.headline(table)
     figures = {"storage_bytes": s["storage_bytes"], "energy_uj": s["energy_uj"], "latency_us": s["latency_us"],
                "compression": s["compression"], "energy_ratio": s["energy_ratio"], "hardware": s["config"]}
     return figures, program, table
@@ -217,8 +217,8 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     """Stage 4: L1-regularised distillation, then coring and distillation to ``sparsity`` (cached)."""
     recipe = _sparse_recipe(quick)
     l1 = {**L1_RECIPE, "epochs": L1_RECIPE["epochs"][1 if quick else 0]}
-    spec = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher), "data": data.fingerprint,
-            "sparsity": sparsity, "recipe": recipe, "l1": l1, "seed": seed}
+    key_fields = {"teacher": teacher.nnlab_metrics, "teacher_weights": weights_hash(teacher),
+                  "data": data.fingerprint, "sparsity": sparsity, "recipe": recipe, "l1": l1, "seed": seed}
 
     def build():
         if verbose:
@@ -233,7 +233,7 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
     def restore(state):
         return _restore_sparse(teacher, upgrade_state_dict(copy.deepcopy(teacher), state))
 
-    return train_once(f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}", spec, build, restore,
+    return train_once(f"l1-sparse{round(100 * sparsity)}-{data.name}-{data.source}", key_fields, build, restore,
                       device="cpu", verbose=verbose)
 
 
@@ -271,7 +271,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
         return net
     recipe = MODULE_RECIPE
     epochs = recipe["epochs"][1 if quick else 0]
-    spec = {"module": module_fingerprint(module), "data": data.fingerprint, "recipe": recipe, "epochs": epochs,
+    key_fields = {"module": module_fingerprint(module), "data": data.fingerprint, "recipe": recipe, "epochs": epochs,
             "seed": seed}
 
     def build():
@@ -291,7 +291,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
         net.load_state_dict(payload["state_dict"])
         return net
 
-    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", spec, build, validate=restore,
+    payload = cached(f"{_file_label(type(module).__name__)}-{data.name}-{data.source}", key_fields, build, validate=restore,
                      verbose=verbose)
     net = restore(payload).eval()
     net.nnlab_metrics = dict(payload["metrics"])
@@ -301,7 +301,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
 def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbose):
     """Stage 3 of an ``nn.Module``: cored and distilled as :func:`nnlab.recipes.pretrained_sparse` does (cached)."""
     recipe = _sparse_recipe(quick)
-    spec = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
+    key_fields = {"teacher": module_fingerprint(teacher), "data": data.fingerprint, "sparsity": sparsity,
             "recipe": recipe, "seed": seed}
 
     def build():
@@ -314,7 +314,7 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
         return _restore_sparse(teacher, payload["state_dict"])
 
     file = f"{_file_label(type(teacher).__name__)}-sparse{round(100 * sparsity)}-{data.name}-{data.source}"
-    payload = cached(file, spec, build,
+    payload = cached(file, key_fields, build,
                      validate=restore, verbose=verbose)
     return restore(payload).eval()
 
@@ -322,7 +322,7 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
 def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, quick, device, seed, verbose):
     """Stage 6 of an ``nn.Module``: stage 3 quantised and retrained as the registered models are (cached)."""
     epochs, lr = MODULE_RETRAIN["epochs"][1 if quick else 0], MODULE_RETRAIN["lr"]
-    spec = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
+    key_fields = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
             "act_bits": act_bits, "method": method, "epochs": epochs, "lr": lr, "seed": seed,
             "structure": quant.retraining.STRUCTURE_VERSION}
 
@@ -337,13 +337,13 @@ def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, qui
 
     def restore(payload):
         net = quant.attach_quantisers(sparse, weight_bits, act_bits)
-        for a in quant.act_quantizers(net).values():
+        for a in quant.act_quantisers(net).values():
             a.calibrating = False
         net.load_state_dict(payload["state_dict"])
         return net
 
     name = f"{_file_label(type(sparse).__name__)}-w{weight_bits}a{act_bits}-{method}"
-    payload = cached(name, spec, build, validate=restore, verbose=verbose)
+    payload = cached(name, key_fields, build, validate=restore, verbose=verbose)
     return restore(payload).eval()
 
 

@@ -33,7 +33,7 @@ from .distill import prune_and_distill
 from .models import MODELS, upgrade_state_dict
 from .prune import apply_masks
 from .prune import sparsity as measured_sparsity
-from .quant.model import act_quantizers, attach_quantisers, quantise_model
+from .quant.model import act_quantisers, attach_quantisers, quantise_model
 from .quant.retraining import SCALE_MODES, STRUCTURE_VERSION, retrain
 from .train import accuracy, evaluate
 
@@ -244,7 +244,7 @@ def pretrained_quantised(
 
     def restore(state):
         net = attach_quantisers(base(), weight_bits, act_bits, **options)
-        for a in act_quantizers(net).values():
+        for a in act_quantisers(net).values():
             a.calibrating = False
         net.load_state_dict(state)
         return net

@@ -14,7 +14,6 @@ Accuracies are percentages (0 to 100) throughout nnlab.
 
 from __future__ import annotations
 
-import math
 import random
 import statistics
 import time
@@ -122,7 +121,7 @@ def fit(
         loss_fn: ``loss_fn(logits, targets, inputs) -> scalar``; default
             cross-entropy.
         penalty: ``penalty(model) -> scalar`` added to the loss, e.g.
-            :func:`nnlab.regularize.l1_penalty`.
+            :func:`nnlab.regularise.l1_penalty`.
         callbacks: :class:`Callback` objects (or functions called before each
             step as ``fn(step, total_steps, model)``).
         eval_data: a loader (or DataBundle: its ``test`` loader) evaluated after

@@ -227,7 +227,7 @@ def test_cli_ctrl_c_in_a_real_run(tmp_path):
             if line.startswith("Training") or time.time() > deadline:
                 break
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=900)  # a guard against a hang, generous for a machine under load
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -641,7 +641,7 @@ def test_a_network_that_never_answers_times_out(silent_server, monkeypatch, tmp_
     else:
         with pytest.raises(RuntimeError, match="could not load MNIST through torchvision.*timed out"):
             nd.load_data(source="torchvision", root=tmp_path, verbose=False)
-    assert time.perf_counter() - start < 60
+    assert time.perf_counter() - start < 300  # without the timeout it would wait forever (generous under load)
     assert socket.getdefaulttimeout() is None  # the timeout does not leak to the rest of the program
 
 
@@ -1059,7 +1059,7 @@ def test_the_cost_report_shows_saturations():
     table = nna.report(program, narrow, saturations=result)
     assert table.set_index("layer")["saturated"].to_dict() == {"in": 0, "fc": 3, "total": 3}
     assert table.set_index("layer").loc["fc", "sum_bits"] == 26
-    assert nna.summary(table)["saturated"] == 3 and nna.summary(table)["accumulator_bits"] == 24
+    assert nna.headline(table)["saturated"] == 3 and nna.headline(table)["accumulator_bits"] == 24
     assert "saturated" not in nna.report(program, narrow).columns  # not measured: no column, never a false 0
     with pytest.raises(ValueError, match="a run with a 24-bit accumulator, but config 'Series2NX-like NNA' has 32"):
         nna.report(program, nna.SERIES2NX, saturations=result)
@@ -1117,11 +1117,6 @@ def test_the_quantisers_never_turn_nan_into_a_level():
         quant.compute_qparams(torch.tensor([1.0, 2.0, float("inf")]), spec)
 
 
-@pytest.fixture(scope="module")
-def small_data():
-    return nd.load_data(train_limit=256, test_limit=128, verbose=False)
-
-
 def _lenet5():
     from nnlab.models import build_model
 
@@ -1138,36 +1133,36 @@ def test_calibration_refuses_non_finite_images(value, method):
         quant.quantise_model(_lenet5(), [(x, torch.zeros(4, dtype=torch.long))], 8, 8, act_method=method)
 
 
-def test_calibration_names_the_quantiser_that_overflows(small_data):
+def test_calibration_names_the_quantiser_that_overflows(tiny_data):
     net = _lenet5()
     with torch.no_grad():
         net.fc1.weight.fill_(3e38)  # finite weights, infinite activations after fc1
     with pytest.raises(ValueError, match=r"the activations at 'relu3_quant' \(calibration batch 1\): 0 NaN and"):
-        quant.quantise_model(net, small_data, None, 8)
+        quant.quantise_model(net, tiny_data, None, 8)
 
 
 @pytest.mark.parametrize("where", ["conv2.weight", "fc3.bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("weight_bits", [8, None])
-def test_quantising_a_model_with_a_non_finite_parameter_names_it(small_data, where, value, weight_bits):
+def test_quantising_a_model_with_a_non_finite_parameter_names_it(tiny_data, where, value, weight_bits):
     net = _lenet5()
     with torch.no_grad():
         net.get_parameter(where).view(-1)[0] = value
     layer, what = where.split(".")
     with pytest.raises(ValueError, match=_literal(f"layer {layer!r}: its {what}: ")):
-        quant.quantise_model(net, small_data, weight_bits, 8)
+        quant.quantise_model(net, tiny_data, weight_bits, 8)
 
 
-def test_a_weight_quantiser_names_its_layer(small_data):
+def test_a_weight_quantiser_names_its_layer(tiny_data):
     w = torch.ones(3, 4)
     w[1, 1] = float("nan")
     with pytest.raises(ValueError, match=_literal("the weight of layer 'fc9': 1 NaN")):
-        quant.WeightQuantizer(QuantSpec.for_weights(8), w, label="the weight of layer 'fc9'")
+        quant.WeightQuantiser(QuantSpec.for_weights(8), w, label="the weight of layer 'fc9'")
 
 
 @pytest.fixture(scope="module")
-def quantised(small_data):
-    return quant.quantise_model(_lenet5(), small_data, 5, 8)
+def quantised(tiny_data):
+    return quant.quantise_model(_lenet5(), tiny_data, 5, 8)
 
 
 @pytest.mark.parametrize("where,message", [
@@ -1198,7 +1193,7 @@ def test_retraining_stops_at_the_first_nan_weight(quantised):
 
     net = copy.deepcopy(quantised).train()
     for m in net.modules():
-        if isinstance(m, quant.WeightQuantizer):
+        if isinstance(m, quant.WeightQuantiser):
             m.track = True
     with torch.no_grad():
         net.get_parameter("conv2.parametrizations.weight.original").view(-1)[3] = float("inf")
@@ -1230,17 +1225,17 @@ def test_pruning_a_quantised_model_is_refused_clearly(quantised, call):
     import copy
 
     with pytest.raises(ValueError, match=_literal("layer 'conv1' is quantised (its weight is computed by the "
-                                                  "parametrizations [WeightQuantizer]), so a pruning mask cannot")):
+                                                  "parametrizations [WeightQuantiser]), so a pruning mask cannot")):
         call(copy.deepcopy(quantised))
 
 
-def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(small_data):
+def test_a_pruned_then_quantised_model_keeps_its_mask_in_the_chain(tiny_data):
     net = prune.core_by_fraction(_lenet5(), 0.5)
-    q = quant.quantise_model(net, small_data, 5, 8)
+    q = quant.quantise_model(net, tiny_data, 5, 8)
     chain = [type(p).__name__ for p in q.get_submodule("fc1").parametrizations.weight]
-    assert chain == ["FixedMask", "WeightQuantizer"]
+    assert chain == ["FixedMask", "WeightQuantiser"]
     assert prune.sparsity(q) >= 0.5
-    with pytest.raises(ValueError, match="parametrizations \\[FixedMask, WeightQuantizer\\]"):
+    with pytest.raises(ValueError, match="parametrizations \\[FixedMask, WeightQuantiser\\]"):
         prune.core_by_fraction(q, 0.9)
 
 

@@ -1,4 +1,6 @@
-"""What the course shows a student: claims, seeds, pictures, explorers, layer names, badges and the HTML report."""
+"""What the course shows a student: claims, seeds, pictures, layer names, badges and the HTML report.
+
+The explorers' own tests are in test_widgets.py, the plots' in test_plots.py."""
 
 from __future__ import annotations
 
@@ -21,19 +23,6 @@ from nnlab.models import LeNet300100, LeNet5, VGGSmall, summary
 ROOT = Path(__file__).resolve().parents[1]
 #: A layer named by its position (``7``, ``3_quant``) instead of what it is (``fc1``, ``pool1_quant``).
 NUMERIC = re.compile(r"^\d+(_quant)?$")
-
-
-@pytest.fixture(scope="module")
-def data():
-    return nnlab.data.load_data(verbose=False)
-
-
-@pytest.fixture(scope="module")
-def lenet(data):
-    torch.manual_seed(0)
-    model = LeNet5()
-    nnlab.train.fit(model, data, 1, progress=False)  # one epoch: trained enough for explorers to react
-    return model.eval()
 
 
 # -- claims ----------------------------------------------------------------------------------------
@@ -135,88 +124,6 @@ def test_random_images_show_every_kind_of_digit(data):
         nnlab.data.random_images(data, 1001)
 
 
-# -- explorers: driven from code, their controls follow; every control changes what it labels -------
-
-def _displayed(widget):
-    """What a control displays, as the browser shows it."""
-    if hasattr(widget, "readout_format"):
-        return format(widget.value, widget.readout_format)
-    return str(widget.label)
-
-
-def _controls_match(explorer, controls):
-    shown = json.loads(re.search(r'data-shown="([^"]*)"', explorer.label.value).group(1).replace("&quot;", '"'))
-    displayed = {c.description: _displayed(c) for c in controls}
-    assert shown == displayed, (shown, displayed)
-
-
-def test_coring_explorer_controls_follow_update(lenet, data):
-    from nnlab.widgets import coring_explorer
-
-    explorer = coring_explorer(lenet, data)
-    controls = [explorer.mode, explorer.scope, explorer.layer, explorer.value]
-    _controls_match(explorer, controls)
-    result = explorer.update(mode="fraction", value=0.9, scope="global", layer="fc1")
-    assert (explorer.value.value, explorer.layer.value, explorer.scope.value) == (0.9, "fc1", "global")
-    _controls_match(explorer, controls)
-    assert result["sparsity"] == pytest.approx(0.9, abs=1e-4)
-    explorer.update(mode="threshold", value=0.1, scope="layer", layer="conv1")
-    assert (explorer.mode.value, explorer.value.description, explorer.value.value) == ("threshold", "t / std", 0.1)
-    _controls_match(explorer, controls)
-    # A bad setting moves nothing.
-    with pytest.raises(ValueError, match="layer must be one of"):
-        explorer.update(layer="7")
-    assert explorer.layer.value == "conv1"
-    # A user's move starts from what is shown.
-    explorer.value.value = 0.5
-    assert explorer.result["layer_sparsity"] > 0 and explorer.mode.value == "threshold"
-    _controls_match(explorer, controls)
-
-
-def test_bit_explorer_controls_follow_update_and_activation_bits_change_the_result(lenet, data):
-    from nnlab.widgets import bit_explorer
-
-    explorer = bit_explorer(lenet, data, max_test=300)
-    controls = [explorer.weight_bits, explorer.act_bits, explorer.granularity, explorer.layer, explorer.layer_bits]
-    explorer.update(weight_bits=4, act_bits=8, layer="fc1", overrides={"fc1": 6})
-    assert (explorer.weight_bits.value, explorer.act_bits.value, explorer.layer.value) == (4, 8, "fc1")
-    assert explorer.layer_bits.value == 6
-    _controls_match(explorer, controls)
-    before = dict(explorer.result), explorer.image.value
-    explorer.act_bits.value = 3  # what a user does
-    after = explorer.result
-    assert after["act_bits"] == 3 and after["act_distinct"] <= 8 < before[0]["act_distinct"]
-    assert explorer.image.value != before[1]  # the activation panel shows the new grid
-    _controls_match(explorer, controls)
-    explorer.layer.value = "conv1"  # its own bits: none
-    assert explorer.layer_bits.value == "same as all"
-    _controls_match(explorer, controls)
-
-
-@pytest.fixture(scope="module")
-def program(lenet, data):
-    return nna.compile_model(quant.quantise_model(lenet, data, 16, 8))
-
-
-def test_nna_explorer_sliders_follow_update(program, data):
-    from nnlab.widgets import nna_explorer
-
-    explorer = nna_explorer(program, data, max_test=200)
-    controls = [*explorer.bits.values(), *explorer.sparsity.values()]
-    _controls_match(explorer, controls)
-    explorer.update(bits={"fc1": 16})
-    at4 = explorer.update(bits={"fc1": 4})
-    assert explorer.bits["fc1"].value == 4
-    _controls_match(explorer, controls)
-    # The next move (one bit less for conv2) keeps fc1 at 4 bits: storage goes down, not back up.
-    explorer.bits["conv2"].value = explorer.bits["conv2"].value - 1
-    assert explorer.result["storage_bytes"] < at4["storage_bytes"]
-    _controls_match(explorer, controls)
-    with pytest.raises(ValueError, match=r"bits\['fc1'\] must be in 4..16"):
-        explorer.update(bits={"fc1": 2})
-    assert explorer.bits["fc1"].value == 4
-
-
 # -- layer names a student recognises ---------------------------------------------------------------
 
 def _numeric(names):
@@ -231,7 +138,7 @@ def test_no_numeric_layer_names_in_tables(builder, shape, data):
     assert not _numeric(summary(model, shape)["layer"])
     assert not _numeric(prune.sparsity_report(prune.core_by_fraction(model, 0.5))["layer"])
     q = quant.quantise_model(builder().eval(), data, 4, 8)
-    assert not _numeric(quant.describe(q)["name"])
+    assert not _numeric(quant.describe_quantisers(q)["name"])
     assert not _numeric(quant.distinct_values(q)["layer"])
     report = nna.report(nna.compile_model(q, shape))
     assert not _numeric(report["layer"])
@@ -267,7 +174,7 @@ def _report(program, data, out: Path) -> str:
     from nnlab.pipeline import STAGES, CompressionResult
 
     table = nna.report(program)
-    s = nna.summary(table)
+    s = nna.headline(table)
     rows = []
     for k, stage in enumerate(STAGES):
         floating = k < 4
@@ -317,21 +224,6 @@ def test_html_report_fits_a_1300_pixel_window(program, data, tmp_path):
             .filter(e => e.getBoundingClientRect().right > 1300).map(e => e.tagName)""")
         browser.close()
     assert width <= 1300 and not too_wide, (width, too_wide)
-
-
-def test_pareto_points_are_distinguishable():
-    from nnlab.plots import plot_stages
-
-    stages = pd.DataFrame({"stage": ["fp32", "pruned", "distilled", "nna"], "accuracy": [99.1, 99.0, 99.05, 98.9],
-                           "energy_uj": [65.0, 65.0, 65.0, 2.0]})
-    ax = plot_stages(stages).axes[0]
-    markers = [(c.get_paths()[0].vertices.tobytes(), tuple(c.get_edgecolor()[0])) for c in ax.collections]
-    assert len(set(markers)) == 4  # each stage its own shape and colour
-    assert all(len(c.get_facecolor()) == 0 or c.get_facecolor()[0][3] == 0 for c in ax.collections)  # hollow
-    numbers = sorted((t.get_text(), t.get_position()) for t in ax.texts)
-    assert [n for n, _ in numbers] == ["1", "2", "3", "4"]
-    offsets = {t.get_text(): t.xyann[0] for t in ax.texts}
-    assert len({offsets["1"], offsets["2"]}) == 2  # same cost: numbers on both sides
 
 
 # -- one repository address for every badge -----------------------------------------------------------

@@ -123,7 +123,7 @@ def test_random_subsets_do_not_depend_on_the_global_generator():
         before = torch.random.get_rng_state()
         callback.on_step_start(1, 10, net)
         assert torch.equal(before, torch.random.get_rng_state())  # the global generator is untouched
-        return quant.weight_quantizer(net[0]).priority.clone()
+        return quant.weight_quantiser(net[0]).priority.clone()
 
     assert torch.equal(priorities(1), priorities(2))
     assert torch.equal(torch.rand(5, generator=D.shared_generator(7)), torch.rand(5, generator=D.shared_generator(7)))
@@ -177,10 +177,10 @@ def _two_rank_checks(rank, store):
             quant.calibrate(local, loader, 2, sync_ranks=False)
             synced = quant.attach_quantisers(plain, 8, 8, act_method=method)
             quant.calibrate(synced, loader, 2)
-            mine = {n: (q.lo.item(), q.hi.item()) for n, q in quant.act_quantizers(local).items()}
+            mine = {n: (q.lo.item(), q.hi.item()) for n, q in quant.act_quantisers(local).items()}
             everyone = _gather(mine)
             assert everyone[0] != everyone[1]  # the ranks really saw different images
-            for name, q in quant.act_quantizers(synced).items():
+            for name, q in quant.act_quantisers(synced).items():
                 los, his = [e[name][0] for e in everyone], [e[name][1] for e in everyone]
                 if method == "max":
                     assert (q.lo.item(), q.hi.item()) == (min(los), max(his))
@@ -195,11 +195,11 @@ def _two_rank_checks(rank, store):
         torch.manual_seed(100 + rank)
         callback = quant.RandomSubset(seed=1)
         callback.on_step_start(0, 10, qmodel)
-        prios = _gather([quant.weight_quantizer(m).priority.sum().item()
+        prios = _gather([quant.weight_quantiser(m).priority.sum().item()
                          for m in quant.weight_layers(qmodel).values()])
         assert prios[0] == prios[1]
         quant.retrain(qmodel, loader, 1, method="random_subset", lr=0.01, progress=False)
-        prios = _gather([quant.weight_quantizer(m).priority.sum().item()
+        prios = _gather([quant.weight_quantiser(m).priority.sum().item()
                          for m in quant.weight_layers(qmodel).values()])
         assert prios[0] == prios[1]  # the last subset drawn, too
         assert D.differences_across_ranks(qmodel) == []
@@ -302,7 +302,7 @@ def test_prune_sees_the_plain_names_inside_a_ddp_wrapper(tmp_path):
 
     from nnlab import prune
     from nnlab.models import LeNet5
-    from nnlab.regularize import l1_penalty
+    from nnlab.regularise import l1_penalty
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:

@@ -14,11 +14,6 @@ from nnlab.train import fit
 
 
 @pytest.fixture(scope="module")
-def small_data():
-    return load_data(train_limit=512, test_limit=200, verbose=False)
-
-
-@pytest.fixture(scope="module")
 def teacher(small_data):
     net = LeNet5()
     fit(net, small_data, 2, progress=False)

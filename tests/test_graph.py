@@ -97,13 +97,13 @@ def test_unsupported_nodes_are_refused_with_their_name(forward, pattern):
 def test_quantisers_sit_where_the_nna_stores_tensors():
     model = Everything().eval()
     data = nnlab.data.load_data(train_limit=64, test_limit=64, verbose=False)
-    names = quant.act_quantizer_names(model)
+    names = quant.act_quantiser_names(model)
     assert names == ["input_quant", "max_pool2d_quant", "hardtanh_quant", "add_quant", "cat_quant",
                      "avg_pool2d_quant", "adaptive_avg_pool2d_quant", "mean_quant"]
     q = quant.quantise_model(model, data, 8, 8, act_overrides={"cat_quant": 6})
     assert isinstance(q, torch.fx.GraphModule) and type(q).__name__ == "Everything"
-    assert list(quant.act_quantizers(q)) == names
-    specs = {n: a.spec for n, a in quant.act_quantizers(q).items()}
+    assert list(quant.act_quantisers(q)) == names
+    specs = {n: a.spec for n, a in quant.act_quantisers(q).items()}
     assert specs["input_quant"] == QuantSpec.for_inputs(8)  # signed input: a zero point
     assert specs["max_pool2d_quant"] == QuantSpec.for_activations(8)  # after ReLU6: unsigned, zero point 0
     assert specs["hardtanh_quant"] == QuantSpec.for_activations(8)  # the depthwise conv's output, clamped to [0, 4]
@@ -111,7 +111,7 @@ def test_quantisers_sit_where_the_nna_stores_tensors():
     assert specs["cat_quant"] == QuantSpec.for_activations(6)
     # weights stay parametrizations on the model's own layers, under their names
     assert parametrize.is_parametrized(q.get_submodule("dw"), "weight") and q.get_submodule("dw").groups == 4
-    assert not any(isinstance(m, quant.ActQuantizer) for m in model.modules())  # the float model is untouched
+    assert not any(isinstance(m, quant.ActQuantiser) for m in model.modules())  # the float model is untouched
     # quantisers are where the graph says: the add's output is rounded before the concat reads it
     users = {n.target: [u.name for u in n.users] for n in q.graph.nodes if n.op == "call_module"}
     assert users["add_quant"] == ["cat"] and users["cat_quant"] == ["avg_pool2d"]
@@ -124,7 +124,7 @@ def test_quantisers_sit_where_the_nna_stores_tensors():
     assert nnlab.nna.agreement(program, q, data)["agreement"] >= 98
     # None leaves a place without quantiser
     fewer = quant.attach_quantisers(model, 8, 8, act_overrides={"mean_quant": None})
-    assert "mean_quant" not in quant.act_quantizers(fewer)
+    assert "mean_quant" not in quant.act_quantisers(fewer)
     with pytest.raises(ValueError, match="act_overrides names layer 'relu_quant'.*'add_quant'"):
         quant.attach_quantisers(model, 8, 8, act_overrides={"relu_quant": 8})
 
@@ -145,17 +145,17 @@ def test_nested_names_state_dict_round_trip_and_wrappers():
     data = nnlab.data.load_data(train_limit=64, test_limit=64, verbose=False)
     q = quant.quantise_model(nn.DataParallel(model), data, 4, 8)  # a wrapper is unwrapped first
     assert isinstance(q.get_submodule("2.1.conv1"), nn.Conv2d)
-    assert list(quant.act_quantizers(q)) == ["input_quant", "1_quant", "2_0_conv1_quant", "2_0_relu_quant",
+    assert list(quant.act_quantisers(q)) == ["input_quant", "1_quant", "2_0_conv1_quant", "2_0_relu_quant",
                                              "2_1_conv1_quant", "2_1_relu_quant"]
     again = quant.attach_quantisers(model, 4, 8)
     again.load_state_dict(q.state_dict())  # same keys: the cached form of a quantised model loads back
-    for a in quant.act_quantizers(again).values():
+    for a in quant.act_quantisers(again).values():
         a.calibrating = False
     x = next(iter(data.test))[0]
     with torch.no_grad():
         assert torch.equal(again(x), q(x))
-    assert list(quant.act_quantizers(nn.DataParallel(q))) == list(quant.act_quantizers(q))
-    assert quant.describe(q)["name"].tolist()[:3] == ["input_quant", "0", "1_quant"]  # data-flow order
+    assert list(quant.act_quantisers(nn.DataParallel(q))) == list(quant.act_quantisers(q))
+    assert quant.describe_quantisers(q)["name"].tolist()[:3] == ["input_quant", "0", "1_quant"]  # data-flow order
 
 
 def test_summary_counts_from_the_graph():
@@ -232,13 +232,13 @@ def test_quantisers_return_their_grid():
     data = nnlab.data.load_data(train_limit=64, test_limit=64, verbose=False)
     torch.manual_seed(0)
     q = quant.attach_quantisers(LeNet5(), 5, 8)
-    a = quant.act_quantizers(q)["pool1_quant"]
+    a = quant.act_quantisers(q)["pool1_quant"]
     with pytest.raises(ValueError, match="still calibrating"):
         a.grid()
     quant.calibrate(q, data, 1)
     g = a.grid()
     assert g.spec == a.spec and float(g.scale) == a.scale.item() and int(g.zero_point) == a.zero_point.item()
-    wq = quant.weight_quantizer(q.get_submodule("conv2"))
+    wq = quant.weight_quantiser(q.get_submodule("conv2"))
     wg = wq.grid()
     assert wg.channels == 16 and np.array_equal(wg.scale, wq.scale.numpy())
     codes, _, _, _ = quant.quantised_weight(q.get_submodule("conv2"))

@@ -6,22 +6,16 @@ import torch
 from torch import nn
 
 from nnlab import nna, quant
-from nnlab.data import load_data
 from nnlab.models import LeNet5
 from nnlab.train import accuracy, fit
 
 
 @pytest.fixture(scope="module")
-def data():
-    return load_data(train_limit=1000, test_limit=200, verbose=False)
-
-
-@pytest.fixture(scope="module")
-def trained(data):
+def trained(medium_data):
     torch.manual_seed(0)
     net = LeNet5()
-    fit(net, data, 4, optimizer="adam", lr=3e-3, progress=False)
-    assert accuracy(net, data) > 85
+    fit(net, medium_data, 4, optimizer="adam", lr=3e-3, progress=False)
+    assert accuracy(net, medium_data) > 85
     return net
 
 
@@ -84,7 +78,7 @@ def test_asymmetric_activation_step_gradient_matches_reference():
 def test_learn_scale_trains_then_freeze_keeps_the_learned_grid(trained):
     q = quant.attach_quantisers(trained, 2, None, granularity="per_tensor")
     layer = q.fc1
-    wq = quant.weight_quantizer(layer)
+    wq = quant.weight_quantiser(layer)
     max_scale = wq.scale.clone()
     wq.learn_scale(quant.quantiser_input(layer))
     assert wq.learning and isinstance(wq.scale, nn.Parameter)
@@ -107,44 +101,44 @@ def test_learn_scale_trains_then_freeze_keeps_the_learned_grid(trained):
     # the state dict loads into an ordinary quantised model
     fresh = quant.attach_quantisers(trained, 2, None, granularity="per_tensor")
     fresh.load_state_dict(q.state_dict())
-    assert torch.equal(quant.weight_quantizer(fresh.fc1).scale, learned)
+    assert torch.equal(quant.weight_quantiser(fresh.fc1).scale, learned)
 
 
-def test_bad_arguments(data, trained):
-    q = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
+def test_bad_arguments(medium_data, trained):
+    q = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
     layer = q.get_submodule("fc1")
     with pytest.raises(ValueError, match="init"):
-        quant.weight_quantizer(layer).learn_scale(quant.quantiser_input(layer), init="median")
+        quant.weight_quantiser(layer).learn_scale(quant.quantiser_input(layer), init="median")
     with pytest.raises(ValueError, match="scales"):
-        quant.retrain(q, data, 1, scales="learnt", progress=False)
+        quant.retrain(q, medium_data, 1, scales="learnt", progress=False)
     fresh = quant.attach_quantisers(trained, 2, 8)
     with pytest.raises(ValueError, match="calibrat"):
-        quant.act_quantizers(fresh)["input_quant"].learn_scale()
+        quant.act_quantisers(fresh)["input_quant"].learn_scale()
     bad = torch.ones(3, 3)
     bad[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
-        quant.weight_quantizer(layer).learn_scale(bad)
+        quant.weight_quantiser(layer).learn_scale(bad)
 
 
 @pytest.mark.parametrize("method", ["ste", "random_subset"])
-def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(data, trained, method):
+def test_learned_steps_beat_max_based_at_two_bits_and_compile_exactly(medium_data, trained, method):
     accs = {}
     for scales in ("follow", "learned"):
-        q = quant.quantise_model(trained, data, 2, 8, granularity="per_tensor")
-        before = {n: a.scale.clone() for n, a in quant.act_quantizers(q).items()}
-        quant.retrain(q, data, 3, method=method, scales=scales, lr=0.05, seed=0, progress=False)
-        accs[scales] = accuracy(q, data)
+        q = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
+        before = {n: a.scale.clone() for n, a in quant.act_quantisers(q).items()}
+        quant.retrain(q, medium_data, 3, method=method, scales=scales, lr=0.05, seed=0, progress=False)
+        accs[scales] = accuracy(q, medium_data)
     assert accs["learned"] > accs["follow"] + 2, accs
-    acts = quant.act_quantizers(q)
+    acts = quant.act_quantisers(q)
     assert not any(a.learning for a in acts.values())
     assert any(not torch.equal(a.scale, before[n]) for n, a in acts.items())  # activation steps were learned
     # the compiler reads exactly the learned grids, and the program agrees with the fake-quantised model
     program = nna.compile_model(q)
     for name, layer in quant.weight_layers(q).items():
         wg = program.layer(name).weight_grid
-        assert np.all(wg.scale == np.float32(quant.weight_quantizer(layer).scale.item())), name
+        assert np.all(wg.scale == np.float32(quant.weight_quantiser(layer).scale.item())), name
     assert program.layer("fc1").in_grid == acts["pool2_quant"].grid()
-    result = nna.agreement(program, q, data)
+    result = nna.agreement(program, q, medium_data)
     assert result["agreement"] >= 99.0, result
 
 

@@ -8,11 +8,6 @@ from nnlab import nna
 
 
 @pytest.fixture(scope="module")
-def data():
-    return nnlab.data.load_data(verbose=False)
-
-
-@pytest.fixture(scope="module")
 def lenet5(data):
     return nnlab.cache.pretrained("lenet5", data=data, quick=True, verbose=False)
 

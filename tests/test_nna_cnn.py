@@ -99,11 +99,6 @@ NETWORKS = {
 
 
 @pytest.fixture(scope="module")
-def data():
-    return nnlab.data.load_data(verbose=False)
-
-
-@pytest.fixture(scope="module")
 def trained(data):
     """Each network trained briefly, once (nnlab.cache.cached), then loaded."""
     nets = {}
@@ -146,7 +141,7 @@ def test_program_agrees_with_fake_quant_model(trained, data, name, weight_bits, 
 def test_residual_add_reads_the_skip(trained, data):
     qmodel = quant.quantise_model(trained["residual"], data, 8, 8)
     # after conv 0 + ReLU 1 + max pool 2; after the residual's conv; after the add + ReLU 4 + max pool 5
-    assert list(quant.act_quantizers(qmodel)) == ["input_quant", "2_quant", "3_conv_quant", "5_quant"]
+    assert list(quant.act_quantisers(qmodel)) == ["input_quant", "2_quant", "3_conv_quant", "5_quant"]
     program = nna.compile_model(qmodel)
     add = program.layer("add")
     assert add.inputs == ("3.conv", "2")  # the convolution and the skip (the max pool's output before it)

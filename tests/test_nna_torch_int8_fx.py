@@ -31,11 +31,6 @@ NETWORKS = ("mobilenet-mnist", "resnet-mnist")
 
 
 @pytest.fixture(scope="module")
-def data():
-    return nnlab.data.load_data(verbose=False)
-
-
-@pytest.fixture(scope="module")
 def engine():
     before = torch.backends.quantized.engine
     yield "x86"

@@ -10,90 +10,76 @@ import pytest
 import torch
 
 from nnlab import nna, quant
-from nnlab.data import load_data
 from nnlab.models import build_model
 
-BITS = (4, 8, 16)
-SPARSITIES = (0.0, 0.5)
 
 
-@pytest.fixture(scope="module")
-def data():
-    return load_data("mnist", verbose=False)
+def _pick(picker_net, data, picker_table, **budget):
+    return quant.pick_per_layer(picker_net, data, sensitivity=picker_table, max_test=64, **budget)
 
 
-@pytest.fixture(scope="module")
-def model():
-    torch.manual_seed(0)
-    return build_model("lenet5").eval()  # untrained: costs and the knapsack do not need accuracy
-
-
-@pytest.fixture(scope="module")
-def table(model, data):
-    return quant.measure_sensitivity(model, data, bits=BITS, sparsities=SPARSITIES, images=32)
-
-
-def _pick(model, data, table, **budget):
-    return quant.pick_per_layer(model, data, sensitivity=table, max_test=64, **budget)
-
-
-def test_sensitivity_table_has_every_option(table):
-    assert len(table.options) == len(table.layers) * len(BITS) * len(SPARSITIES)
-    reference = table.options[(table.options.bits == 16) & (table.options.sparsity == 0)]
+def test_sensitivity_table_has_every_option(picker_table, picker_grid):
+    bits, sparsities = picker_grid["bits"], picker_grid["sparsities"]
+    assert len(picker_table.options) == len(picker_table.layers) * len(bits) * len(sparsities)
+    reference = picker_table.options[(picker_table.options.bits == 16) & (picker_table.options.sparsity == 0)]
     assert (reference.damage.abs() < 1e-12).all(), "the reference option itself must do no damage"
-    assert (table.options.damage >= 0).all()
+    assert (picker_table.options.damage >= 0).all()
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.3, 0.5, 0.8])
-def test_storage_budget_is_respected_and_predicted_storage_is_the_saved_payload(model, data, table, fraction):
-    lo, hi = table.cost_range("storage_B")
+def test_storage_budget_is_respected_and_predicted_storage_is_the_saved_payload(picker_net, data, picker_table,
+                                                                                picker_grid, fraction):
+    lo, hi = picker_table.cost_range("storage_B")
     budget = lo + fraction * (hi - lo)
-    choice = _pick(model, data, table, budget_bytes=budget)
+    choice = _pick(picker_net, data, picker_table, budget_bytes=budget)
     assert choice.measured["storage_bytes"] <= budget
     assert choice.predicted["storage_bytes"] == choice.measured["storage_bytes"]
     assert choice.predicted["storage_bytes"] == choice.measured["file_storage_bytes"]
-    assert nna.storage_bytes(choice.program, table.hardware) == choice.measured["file_storage_bytes"]
-    assert set(choice.bits.values()) <= set(BITS) and set(choice.sparsity.values()) <= set(SPARSITIES)
+    assert nna.storage_bytes(choice.program, picker_table.hardware) == choice.measured["file_storage_bytes"]
+    assert set(choice.bits.values()) <= set(picker_grid["bits"])
+    assert set(choice.sparsity.values()) <= set(picker_grid["sparsities"])
 
 
 @pytest.mark.parametrize("name,column,factor", [("budget_energy_uj", "energy_uj", 1e-3),
                                                 ("budget_latency_us", "latency_us", 1.0)])
-def test_energy_and_latency_budgets_are_respected(model, data, table, name, column, factor):
+def test_energy_and_latency_budgets_are_respected(picker_net, data, picker_table, name, column, factor):
     key = {"budget_energy_uj": "energy_nJ", "budget_latency_us": "latency_us"}[name]
-    lo, hi = table.cost_range(key)
+    lo, hi = picker_table.cost_range(key)
     budget = (lo + 0.4 * (hi - lo)) * factor
-    choice = _pick(model, data, table, **{name: budget})
+    choice = _pick(picker_net, data, picker_table, **{name: budget})
     assert choice.measured[column] <= budget * (1 + 1e-12)
     assert math.isclose(choice.predicted[column], choice.measured[column], rel_tol=1e-9)
 
 
-def test_the_knapsack_finds_the_least_damage_that_fits(table):
+def test_the_knapsack_finds_the_least_damage_that_fits(picker_table):
     """Brute force over every combination: the solver fits, and is at least as good as any combination that
     fits with one rounding step per layer to spare."""
-    lo, hi = table.cost_range("storage_B")
+    lo, hi = picker_table.cost_range("storage_B")
     budget = lo + 0.35 * (hi - lo)
     resolution = 500
-    chosen = quant.solve_budget(table, "storage_B", budget, resolution=resolution)
-    assert chosen["storage_B"].sum() + table.fixed["storage_B"] <= budget
-    per_layer = [table.options[table.options.layer == n][["storage_B", "damage"]].to_numpy() for n in table.layers]
-    floor = table.options.groupby("layer")["storage_B"].min().sum()
-    spare = len(table.layers) * (budget - table.fixed["storage_B"] - floor) / resolution
+    chosen = quant.solve_budget(picker_table, "storage_B", budget, resolution=resolution)
+    assert chosen["storage_B"].sum() + picker_table.fixed["storage_B"] <= budget
+    options = picker_table.options
+    per_layer = [options[options.layer == n][["storage_B", "damage"]].to_numpy() for n in picker_table.layers]
+    floor = picker_table.options.groupby("layer")["storage_B"].min().sum()
+    spare = len(picker_table.layers) * (budget - picker_table.fixed["storage_B"] - floor) / resolution
     best = min(sum(r[1] for r in combo) for combo in itertools.product(*per_layer)
-               if sum(r[0] for r in combo) + table.fixed["storage_B"] <= budget - spare)
+               if sum(r[0] for r in combo) + picker_table.fixed["storage_B"] <= budget - spare)
     assert chosen["damage"].sum() <= best + 1e-12
 
 
-def test_never_worse_than_the_best_uniform_setting_on_its_own_images(model, data, table):
-    lo, hi = table.cost_range("storage_B")
+def test_never_worse_than_the_best_uniform_setting_on_its_own_images(picker_net, data, picker_table):
+    lo, hi = picker_table.cost_range("storage_B")
     for fraction in (0.2, 0.6):
-        choice = _pick(model, data, table, budget_bytes=lo + fraction * (hi - lo))
+        choice = _pick(picker_net, data, picker_table, budget_bytes=lo + fraction * (hi - lo))
         assert choice.best_uniform is not None
         assert choice.predicted["damage"] <= choice.best_uniform["damage"] + 1e-12
 
 
-def test_a_larger_budget_never_does_more_damage(model, data, table):
-    lo, hi = table.cost_range("storage_B")
-    damages = [_pick(model, data, table, budget_bytes=lo + f * (hi - lo)).predicted["damage"] for f in (0.2, 0.5, 1.0)]
+def test_a_larger_budget_never_does_more_damage(picker_net, data, picker_table):
+    lo, hi = picker_table.cost_range("storage_B")
+    damages = [_pick(picker_net, data, picker_table, budget_bytes=lo + f * (hi - lo)).predicted["damage"]
+               for f in (0.2, 0.5, 1.0)]
     assert damages[0] >= damages[1] - 1e-12 >= damages[2] - 2e-12
     assert damages[2] < 1e-12, "an unlimited budget keeps every layer at the reference"
 
@@ -109,38 +95,16 @@ def test_a_larger_budget_never_does_more_damage(model, data, table):
     ({"budget_bytes": True}, TypeError, "budget_bytes must be a positive number"),
     ({"budget_bytes": 10}, ValueError, r"budget_bytes=10 bytes is below the cheapest network"),
 ])
-def test_bad_budgets_are_clear_errors(model, data, table, budget, error, match):
+def test_bad_budgets_are_clear_errors(picker_net, data, picker_table, budget, error, match):
     with pytest.raises(error, match=match):
-        _pick(model, data, table, **budget)
+        _pick(picker_net, data, picker_table, **budget)
 
 
-def test_bits_the_accelerator_cannot_run_are_refused(model, data):
+def test_bits_the_accelerator_cannot_run_are_refused(picker_net, data):
     with pytest.raises(ValueError, match="bits contains 2, but .* supports 4 to 16"):
-        quant.measure_sensitivity(model, data, bits=(2, 8))
+        quant.measure_sensitivity(picker_net, data, bits=(2, 8))
     with pytest.raises(ValueError, match="sparsities entry must be"):
-        quant.measure_sensitivity(model, data, sparsities=(0.0, 1.0))
-
-
-def test_budget_explorer_moves_the_choice_with_the_slider(model, data, table):
-    from nnlab.widgets import BudgetExplorer, budget_explorer
-
-    explorer = budget_explorer(model, data, sensitivity=table, max_test=64)
-    assert explorer.image.value[:4] == b"\x89PNG" and "accuracy" in explorer.label.value
-    assert len(explorer.uniform) == len(BITS) * len(SPARSITIES) and explorer.uniform["accuracy"].between(0, 100).all()
-    image, label = explorer.image.value, explorer.label.value
-    explorer.slider.value = explorer.slider.min  # a slider move triggers an update
-    tight = dict(explorer.result)
-    assert tight["budget"] == pytest.approx(explorer.slider.min)
-    assert tight["storage_bytes"] <= explorer.slider.min
-    assert explorer.image.value != image and explorer.label.value != label
-    explorer.slider.value = explorer.slider.max
-    loose = dict(explorer.result)
-    assert loose["bits"] != tight["bits"]
-    assert set(loose["bits"].values()) == {16}, "the whole range affords the reference everywhere"
-    with pytest.raises(ValueError, match="budget must be one of"):
-        BudgetExplorer(model, data, budget="budget_watts", sensitivity=table)
-    with pytest.raises(ValueError, match="value must be a budget_bytes between"):
-        BudgetExplorer(model, data, sensitivity=table, value=1.0)
+        quant.measure_sensitivity(picker_net, data, sparsities=(0.0, 1.0))
 
 
 def test_a_network_pruned_with_torch_prune_keeps_its_zeros(data):

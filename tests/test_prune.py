@@ -12,7 +12,6 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from nnlab import prune as P
-from nnlab.data import load_data
 from nnlab.models import LeNet5
 from nnlab.train import accuracy, fit
 
@@ -20,11 +19,6 @@ from nnlab.train import accuracy, fit
 def tiny_net(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 26 * 26, 10))
-
-
-@pytest.fixture(scope="module")
-def small_data():
-    return load_data(train_limit=512, test_limit=200, verbose=False)
 
 
 def mask_of(module):
@@ -220,44 +214,3 @@ def test_errors_name_the_argument():
 
 # --- plots and widget ------------------------------------------------------------------------
 
-def test_plots_draw(small_data):
-    from nnlab.plots import plot_accuracy_vs_sparsity, plot_sensitivity, plot_weight_histograms
-
-    net = tiny_net()
-    pruned = P.core_by_fraction(copy.deepcopy(net), 0.5)
-    fig = plot_weight_histograms({"original": net, "pruned": pruned})
-    assert len(fig.axes) == 2 and "50% zero" in fig.axes[1].get_title()
-    ax = plot_accuracy_vs_sparsity({"no retraining": {"sparsity": [0, 0.5], "accuracy": [99, 90]}}, dense_acc=99)
-    assert len(ax.lines) == 2
-    table = P.sensitivity_analysis(net, small_data, sparsities=(0.0, 0.5))
-    assert len(plot_sensitivity(table).lines) == 2
-
-
-def test_coring_explorer_agrees_with_core_by_fraction(small_data):
-    from nnlab.widgets import coring_explorer
-
-    net = LeNet5()
-    fit(net, small_data, 1, progress=False)
-    explorer = coring_explorer(net, small_data)
-    result = explorer.update(mode="fraction", value=0.7, scope="global", layer="all layers")
-    reference = P.core_by_fraction(copy.deepcopy(net), 0.7)
-    assert result["sparsity"] == pytest.approx(P.sparsity(reference))
-    assert result["accuracy"] == pytest.approx(accuracy(reference, small_data))
-    assert not P.is_pruned(net[0])  # the explorer works on a copy
-    result = explorer.update(mode="threshold", value=0.05, scope="global", layer="fc1")
-    assert result["layer_sparsity"] == pytest.approx(float((net[7].weight.abs() < 0.05).float().mean()))
-    result = explorer.update(mode="threshold", value=0.8, scope="layer", layer="all layers")
-    reference = P.core_by_threshold(copy.deepcopy(net), 0.8, scope="layer")
-    assert result["sparsity"] == pytest.approx(P.sparsity(reference))
-    assert result["accuracy"] == pytest.approx(accuracy(reference, small_data))
-    # moving the controls updates through the widget callbacks (update moved them: start from fraction, global)
-    explorer.update(mode="fraction", value=0.5, scope="global", layer="all layers")
-    explorer.value.value = 0.3
-    assert explorer.result["layer_sparsity"] > 0 and len(explorer.image.value) > 0
-    explorer.mode.value = "threshold"
-    global_result = dict(explorer.result)
-    explorer.scope.value = "layer"  # the threshold becomes relative to each layer's std
-    assert explorer.value.description == "t / std" and explorer.value.value == 1.0
-    assert explorer.result["sparsity"] != global_result["sparsity"]
-    with pytest.raises(ValueError, match="fraction"):
-        explorer.update(mode="fraction", value=1.2)

@@ -70,11 +70,13 @@ _EXPORTS = {
     "entropy": ("huffman_code_lengths",),
     "packing": ("pack", "unpack", "packed_bytes", "bit_layout", "encode_weights", "decode_weights"),
     "storage": ("save", "load", "read_header", "storage_bytes", "ProgramFileError"),
-    "costs": ("report", "layer_costs", "summary"),
+    "costs": ("report", "layer_costs", "headline"),
     "verify": ("agreement", "compare_modes", "compare_torch_int8"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 _SUBMODULES = set(_EXPORTS)
+#: Deprecated public names (old -> new), served with a DeprecationWarning until the next release.
+_RENAMED = {"summary": "headline"}
 
 __all__ = [name for names in _EXPORTS.values() for name in names]
 
@@ -85,6 +87,12 @@ def __getattr__(name):
         value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
         globals()[name] = value
         return value
+    if name in _RENAMED:
+        # A deprecated name: warns, naming the new one; not kept, so it warns each time.
+        from .._deprecated import warn_renamed
+
+        warn_renamed(__name__, name, _RENAMED[name])
+        return __getattr__(_RENAMED[name])
     if name in _SUBMODULES:
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

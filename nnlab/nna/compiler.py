@@ -2,7 +2,7 @@
 
 The pipeline of :func:`compile_model`, for a model quantised by
 :mod:`nnlab.quant` (read its module docstring: weights carry a
-``WeightQuantizer`` parametrization, ``ActQuantizer`` modules sit on the
+``WeightQuantiser`` parametrization, ``ActQuantiser`` modules sit on the
 input and wherever the NNA stores a tensor):
 
 1. **trace** the model with ``torch.fx`` and classify every node
@@ -20,7 +20,7 @@ input and wherever the NNA stores a tensor):
    the bias (exactly: the integer weights do not change; a negative factor
    flips their sign), the bias as int32 on the accumulator's scale
    ``in_scale * weight_scale``, each activation grid read from its quantiser
-   (:meth:`~nnlab.quant.ActQuantizer.grid`).  Shapes are measured by running
+   (:meth:`~nnlab.quant.ActQuantiser.grid`).  Shapes are measured by running
    the graph once (:func:`nnlab.graph.node_shapes`) and checked against the
    program's own (:func:`output_shapes`).
 
@@ -83,14 +83,14 @@ class _Compiler:
         return wanted if wanted not in taken else node.name
 
     def quantiser_after(self, node):
-        """The ActQuantizer node reading ``node`` as its only user, with its grid, or (None, None)."""
-        from ..quant import ActQuantizer
+        """The ActQuantiser node reading ``node`` as its only user, with its grid, or (None, None)."""
+        from ..quant import ActQuantiser
 
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             return None, None
         m = self.gm.get_submodule(users[0].target)
-        if not isinstance(m, ActQuantizer):
+        if not isinstance(m, ActQuantiser):
             return None, None
         if m.calibrating:
             raise ValueError(f"activation quantiser {users[0].target!r} is still calibrating; "
@@ -152,12 +152,12 @@ class _Compiler:
         self.values[qnode] = (layer.name, grid)
 
     def weight(self, step):
-        from ..quant import quantised_weight, weight_quantizer
+        from ..quant import quantised_weight, weight_quantiser
 
         op, m = step.head, step.head.module
         in_name, in_grid = self.read(step.inputs[0], op.name)
         grid, value_node = self.out_grid(step, final_ok=True)
-        if weight_quantizer(m) is None:
+        if weight_quantiser(m) is None:
             raise ValueError(f"layer {op.name!r} ({type(m).__name__}) has float weights; quantise the model first "
                              f"(nnlab.quant.quantise_model)")
         codes, spec, scale, zero_point = quantised_weight(m)

@@ -38,16 +38,20 @@ import math
 import numpy as np
 import pandas as pd
 
+from .._deprecated import renamed
 from .config import SERIES2NX, NNAConfig
 from .engine import Result
 from .program import FlattenLayer, InputLayer, Program, WeightLayer
 from .shapes import output_shapes
 from .storage import encode_layer, parameter_bytes
 
-__all__ = ["report", "layer_costs", "summary", "storage_cost", "compute_cost", "traffic_cost", "energy_cost",
+__all__ = ["report", "layer_costs", "headline", "storage_cost", "compute_cost", "traffic_cost", "energy_cost",
            "time_cost", "decode_cost", "decode_costs", "operand_bits", "output_bits", "COLUMNS", "LAYER_COLUMNS",
            "OVERFLOW_COLUMNS", "DECODE_COLUMNS"]
 
+#: Deprecated names (old -> new), served with a DeprecationWarning until the next release: ``summary``
+#: (``nnlab.models.summary`` is a per-layer table of a model).
+RENAMED = {"summary": "headline"}
 #: The columns of :func:`layer_costs`.
 LAYER_COLUMNS = ["layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B",
                  "padding_B", "storage_B", "macs_dense", "macs", "dram_B", "sram_B", "energy_mac_nJ",
@@ -405,8 +409,8 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         DataFrame with :data:`COLUMNS` (and :data:`OVERFLOW_COLUMNS` when
         ``saturations`` is given), one row per layer and a ``"total"``
         row.  ``fp32_*`` columns are the baseline's; ``compression`` and
-        ``energy_ratio`` are baseline / program.  ``attrs["summary"]`` holds
-        the headline figures (:func:`summary`), with ``saturated`` and
+        ``energy_ratio`` are baseline / program.  ``attrs["headline"]`` holds
+        the headline figures (:func:`headline`), with ``saturated`` and
         ``accumulator_bits`` when ``saturations`` is given.  In the total row
         ``density`` is the share of MACs left after zero skipping.
 
@@ -436,7 +440,7 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         columns += OVERFLOW_COLUMNS
     table = table[columns]
     t = table.iloc[-1]
-    table.attrs["summary"] = {
+    table.attrs["headline"] = {
         "config": config.name, "baseline": baseline.name,
         "storage_bytes": int(round(t["storage_B"])), "fp32_bytes": int(round(t["fp32_B"])),
         "compression": float(t["compression"]),
@@ -448,12 +452,25 @@ def report(program: Program, config: NNAConfig = SERIES2NX, baseline: NNAConfig 
         "speedup": float(t["fp32_latency_us"] / t["latency_us"]) if t["latency_us"] else math.nan,
     }
     if overflow is not None:
-        table.attrs["summary"].update(saturated=int(t["saturated"]), accumulator_bits=overflow[2])
+        table.attrs["headline"].update(saturated=int(t["saturated"]), accumulator_bits=overflow[2])
     return table
 
 
-def summary(table: pd.DataFrame) -> dict:
-    """The headline figures of a :func:`report` table (storage, energy and latency against fp32)."""
-    if "summary" not in table.attrs:
-        raise ValueError("table has no summary; pass a table returned by nnlab.nna.report")
-    return dict(table.attrs["summary"])
+def headline(table: pd.DataFrame) -> dict:
+    """The headline figures of a :func:`report` table (storage, energy and latency against fp32).
+
+    Args:
+        table: a table returned by :func:`report`.
+
+    Returns:
+        dict of the figures ``report`` stored in ``table.attrs["headline"]``.
+
+    Raises:
+        ValueError: ``table`` did not come from :func:`report`.
+    """
+    if "headline" not in table.attrs:
+        raise ValueError("table has no headline figures; pass a table returned by nnlab.nna.report")
+    return dict(table.attrs["headline"])
+
+
+__getattr__ = renamed(__name__, RENAMED, globals())

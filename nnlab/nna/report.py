@@ -6,3 +6,4 @@ even after this module has been imported.
 
 from .costs import *  # noqa: F401,F403
 from .costs import __all__  # noqa: F401
+from .costs import __getattr__  # noqa: F401  (the deprecated names, e.g. summary)

@@ -100,10 +100,10 @@ def _calibrate(model, data, batches):
 
 
 def _check_float(model):
-    from ..quant.modules import ActQuantizer
+    from ..quant.modules import ActQuantiser
 
     for name, m in model.named_modules():
-        if isinstance(m, ActQuantizer) or parametrize.is_parametrized(m):
+        if isinstance(m, ActQuantiser) or parametrize.is_parametrized(m):
             raise ValueError(f"model is already quantised by nnlab (module {name!r} is a {type(m).__name__}); "
                              f"PyTorch's int8 flow starts from the float model")
 

@@ -10,7 +10,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ..quant import QuantSpec, grid_levels, weight_quantizer
+from ..quant import QuantSpec, grid_levels, weight_quantiser
 
 __all__ = ["plot_accuracy_vs_bits", "plot_levels", "plot_subset_schedule"]
 
@@ -67,7 +67,7 @@ def plot_levels(source, spec: QuantSpec | None = None, scale=None, zero_point=No
 
     Args:
         source: a quantised Conv2d/Linear layer (its float weights and its
-            WeightQuantizer are used), or a tensor of values (then give
+            WeightQuantiser are used), or a tensor of values (then give
             ``spec``, ``scale`` and ``zero_point``).
         spec, scale, zero_point: the grid, for a tensor ``source``.
         channel: for per-channel grids, the output channel to show (default:
@@ -80,9 +80,9 @@ def plot_levels(source, spec: QuantSpec | None = None, scale=None, zero_point=No
         The matplotlib axes.
     """
     if isinstance(source, nn.Module):
-        q = weight_quantizer(source)
+        q = weight_quantiser(source)
         if q is None:
-            raise ValueError(f"{type(source).__name__} has no WeightQuantizer; pass a quantised layer "
+            raise ValueError(f"{type(source).__name__} has no WeightQuantiser; pass a quantised layer "
                              f"or a tensor with spec, scale and zero_point")
         chain = source.parametrizations.weight
         with torch.no_grad():

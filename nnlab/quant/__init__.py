@@ -6,7 +6,7 @@ Modules, one subject each:
 * :mod:`nnlab.quant.grid`: :class:`Grid`, a spec with its scale and zero point: one frozen value
   that quantisers return and the NNA simulator reads;
 * :mod:`nnlab.quant.tensor`: scale choice and (fake) quantisation of tensors;
-* :mod:`nnlab.quant.modules`: :class:`WeightQuantizer`, :class:`ActQuantizer`, :class:`FixedMask`;
+* :mod:`nnlab.quant.modules`: :class:`WeightQuantiser`, :class:`ActQuantiser`, :class:`FixedMask`;
 * :mod:`nnlab.quant.model`: post-training quantisation of a network (:func:`quantise_model`);
 * :mod:`nnlab.quant.retraining`: retraining for low bits (:func:`retrain`: straight-through
   or random-subset, with scales that follow the weights or are learned) and
@@ -35,18 +35,18 @@ returns a rewritten copy of the float model:
   unwrapped first (:func:`nnlab.distributed.unwrap`).
 * **Weights.** Each ``nn.Conv2d`` / ``nn.Linear`` keeps its class and name.
   Its ``weight`` is parametrized (``torch.nn.utils.parametrize``); the
-  chain ``layer.parametrizations.weight`` is ``[FixedMask, WeightQuantizer]``
+  chain ``layer.parametrizations.weight`` is ``[FixedMask, WeightQuantiser]``
   for a pruned layer (the torch prune mask, converted) and
-  ``[WeightQuantizer]`` otherwise, so ``layer.weight == quant(mask * w)``
+  ``[WeightQuantiser]`` otherwise, so ``layer.weight == quant(mask * w)``
   with ``w = layer.parametrizations.weight.original``.  Get the quantiser
-  with ``weight_quantizer(layer)``; it holds ``spec`` (a :class:`QuantSpec`),
+  with ``weight_quantiser(layer)``; it holds ``spec`` (a :class:`QuantSpec`),
   ``scale`` (float32) and ``zero_point`` (int32) buffers, both 0-dim
   (per tensor) or of shape ``(out_channels,)`` (per channel, axis 0), and
   ``grid()`` returns them as one frozen :class:`Grid`.
   Weight specs are signed and symmetric, so ``zero_point`` is 0 and pruned
   zeros are exact zeros.  ``quantised_weight(layer)`` returns
   ``(codes, spec, scale, zero_point)`` with the int32 codes.  Biases stay float.
-* **Activations.** :class:`ActQuantizer` modules sit on the graph's edges
+* **Activations.** :class:`ActQuantiser` modules sit on the graph's edges
   where the NNA stores a tensor, so that the fake-quantised model rounds
   exactly where the simulator does: ``"input_quant"`` on the input
   (asymmetric unsigned spec with a zero point: the normalised image is
@@ -62,12 +62,12 @@ returns a rewritten copy of the float model:
   are ``input_quant``, ``pool1_quant``, ``pool2_quant``, ``relu3_quant``,
   ``relu4_quant``.  The network's output (logits) is not quantised.  Each
   quantiser holds ``spec``, ``scale`` and ``zero_point`` (0-dim) and
-  ``grid()``; ``act_quantizer_names(model)`` lists the names and
-  ``act_quantizers(model)`` the modules, in data-flow order.
+  ``grid()``; ``act_quantiser_names(model)`` lists the names and
+  ``act_quantisers(model)`` the modules, in data-flow order.
 * **Grid semantics** (PyTorch's): ``q = clamp(round(x * (1/scale)) +
   zero_point, spec.quant_min, spec.quant_max)``, rounding half to even, and
   ``x_hat = (q - zero_point) * scale``.
-* ``describe(model)`` lists every quantiser in data-flow order as a table.
+* ``describe_quantisers(model)`` lists every quantiser in data-flow order as a table.
 * **Non-finite values** are refused, never rounded: a NaN or an infinity in
   a weight, a bias, a calibration batch or the activations a quantiser
   rounds raises a ValueError naming the layer or quantiser
@@ -77,12 +77,12 @@ returns a rewritten copy of the float model:
   the weights, so ``original`` already lies on the grid.
 """
 
-from .model import (INPUT_QUANTIZER, WEIGHT_LAYERS, act_quantizer_names, act_quantizers, attach_quantisers, calibrate, describe,
+from .model import (INPUT_QUANTISER, WEIGHT_LAYERS, act_quantiser_names, act_quantisers, attach_quantisers, calibrate, describe_quantisers,
                     distinct_values, freeze, quantise_model, quantised_weight, quantiser_input, weight_layers,
-                    weight_quantizer)
+                    weight_quantiser)
 from .lsq import fake_quantise_learned, lsq_grad_factor, lsq_init
-from .modules import ACT_METHODS, SCALE_INITS, ActQuantizer, FixedMask, WeightQuantizer
-from .retraining import METHODS, SCALE_MODES, SCHEDULES, RandomSubset, pretrained_quantised, retrain
+from .modules import ACT_METHODS, SCALE_INITS, ActQuantiser, FixedMask, WeightQuantiser
+from .retraining import METHODS, SCALE_MODES, SUBSET_SCHEDULES, RandomSubset, pretrained_quantised, retrain
 from .picker import (BUDGETS, PerLayerChoice, SensitivityTable, measure_sensitivity, pick_per_layer, solve_budget,
                      uniform_settings)
 from .sensitivity import bit_sensitivity, logits_and_labels, quantisation_by_difficulty
@@ -95,12 +95,22 @@ __all__ = [
     "QuantSpec", "Grid", "GRANULARITIES", "MIN_BITS", "MAX_BITS",
     "compute_qparams", "qparams_from_range", "value_range", "fake_quantise", "quantise", "dequantise",
     "grid_levels", "SCALE_METHODS", "MIN_SCALE", "check_finite", "check_finite_parameters",
-    "WeightQuantizer", "ActQuantizer", "FixedMask", "ACT_METHODS", "SCALE_INITS",
+    "WeightQuantiser", "ActQuantiser", "FixedMask", "ACT_METHODS", "SCALE_INITS",
     "fake_quantise_learned", "lsq_init", "lsq_grad_factor", "quantiser_input",
-    "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
-    "quantised_weight", "weight_layers", "weight_quantizer", "act_quantizers", "act_quantizer_names", "INPUT_QUANTIZER", "WEIGHT_LAYERS",
-    "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SCHEDULES", "SCALE_MODES",
+    "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe_quantisers", "distinct_values",
+    "quantised_weight", "weight_layers", "weight_quantiser", "act_quantisers", "act_quantiser_names", "INPUT_QUANTISER", "WEIGHT_LAYERS",
+    "retrain", "RandomSubset", "pretrained_quantised", "METHODS", "SUBSET_SCHEDULES", "SCALE_MODES",
     "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
     "pick_per_layer", "measure_sensitivity", "solve_budget", "uniform_settings", "PerLayerChoice", "SensitivityTable",
     "BUDGETS",
 ]
+
+from .._deprecated import renamed  # noqa: E402
+from .model import RENAMED as _MODEL_RENAMED  # noqa: E402
+from .modules import RENAMED as _MODULES_RENAMED  # noqa: E402
+from .retraining import RENAMED as _RETRAINING_RENAMED  # noqa: E402
+
+#: Deprecated names (old -> new): American spellings, ``describe`` and ``SCHEDULES``; each still works
+#: until the next release and warns with the new name.
+RENAMED = {**_MODULES_RENAMED, **_MODEL_RENAMED, **_RETRAINING_RENAMED}
+__getattr__ = renamed(__name__, RENAMED, globals())

@@ -6,7 +6,7 @@ hold; a grid adds *where* they lie on the real line: ``scale`` and
 ``(q - zero_point) * scale``.
 
 The same frozen value travels the whole way: a quantiser returns it
-(:meth:`nnlab.quant.WeightQuantizer.grid`, :meth:`nnlab.quant.ActQuantizer.grid`),
+(:meth:`nnlab.quant.WeightQuantiser.grid`, :meth:`nnlab.quant.ActQuantiser.grid`),
 the NNA compiler puts it into the program's layers, and the engine, the
 packing, the file format and the cost report read it.  Nothing re-derives
 a bit-depth, an integer range or a scale on its own.

@@ -26,8 +26,8 @@ The forward pass is PyTorch's own fake quantisation with the current scale
 (:func:`fake_quantise_learned` runs PyTorch's fused LSQ kernel), so the learned grid is an ordinary :class:`~nnlab.quant.Grid`: the NNA
 compiler and simulator read exactly the scale that was learned.
 
-:meth:`nnlab.quant.WeightQuantizer.learn_scale` and
-:meth:`nnlab.quant.ActQuantizer.learn_scale` switch a quantiser to a learned
+:meth:`nnlab.quant.WeightQuantiser.learn_scale` and
+:meth:`nnlab.quant.ActQuantiser.learn_scale` switch a quantiser to a learned
 step; :func:`nnlab.quant.retrain` does it for every quantiser with
 ``scales="learned"``.
 """

@@ -20,21 +20,28 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from .. import graph
+from .._deprecated import renamed
 from .._args import check_choice, check_positive_int
-from ..base import unwrap
-from ..base import loader_of, resolve_device
-from .modules import ACT_METHODS, ActQuantizer, FixedMask, WeightQuantizer
+from ..base import loader_of, resolve_device, unwrap
+from .modules import ACT_METHODS, ActQuantiser, FixedMask, WeightQuantiser
 from .spec import GRANULARITIES, QuantSpec
 from .tensor import SCALE_METHODS, check_finite_parameters, fake_quantise
 
-__all__ = ["INPUT_QUANTIZER", "WEIGHT_LAYERS", "weight_layers", "weight_quantizer", "act_quantizers",
-           "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe", "distinct_values",
-           "quantised_weight", "act_quantizer_names", "quantiser_input"]
+__all__ = ["INPUT_QUANTISER", "WEIGHT_LAYERS", "weight_layers", "weight_quantiser", "act_quantisers",
+           "attach_quantisers", "calibrate", "quantise_model", "freeze", "describe_quantisers", "distinct_values",
+           "quantised_weight", "act_quantiser_names", "quantiser_input"]
 
 #: Layer types whose weights are quantised.
 WEIGHT_LAYERS = (nn.Conv2d, nn.Linear)
 #: Name of the activation quantiser placed in front of the first layer.
-INPUT_QUANTIZER = "input_quant"
+INPUT_QUANTISER = "input_quant"
+
+#: Deprecated names (old -> new), served with a DeprecationWarning until the next release:
+#: American spellings, and ``describe`` (``nnlab.nna.describe`` describes a compiled program).
+RENAMED = {"INPUT_QUANTIZER": "INPUT_QUANTISER", "weight_quantizer": "weight_quantiser",
+           "act_quantizers": "act_quantisers", "act_quantizer_names": "act_quantiser_names",
+           "describe": "describe_quantisers"}
+__getattr__ = renamed(__name__, RENAMED, globals())
 _ACT_SUFFIX = "_quant"
 
 
@@ -50,12 +57,12 @@ def weight_layers(model: nn.Module) -> "OrderedDict[str, nn.Module]":
     return OrderedDict((n, m) for n, m in unwrap(model).named_modules() if isinstance(m, WEIGHT_LAYERS))
 
 
-def weight_quantizer(layer: nn.Module) -> WeightQuantizer | None:
-    """The :class:`WeightQuantizer` on ``layer.weight``, or None if the weight is not quantised."""
+def weight_quantiser(layer: nn.Module) -> WeightQuantiser | None:
+    """The :class:`WeightQuantiser` on ``layer.weight``, or None if the weight is not quantised."""
     if not parametrize.is_parametrized(layer, "weight"):
         return None
     for p in layer.parametrizations.weight:
-        if isinstance(p, WeightQuantizer):
+        if isinstance(p, WeightQuantiser):
             return p
     return None
 
@@ -73,9 +80,9 @@ def _flow_order(model: nn.Module):
             yield node.target, model.get_submodule(node.target)
 
 
-def act_quantizers(model: nn.Module) -> "OrderedDict[str, ActQuantizer]":
+def act_quantisers(model: nn.Module) -> "OrderedDict[str, ActQuantiser]":
     """The activation quantisers of ``model`` (or of the model inside a DDP wrapper) by name, in data-flow order."""
-    return OrderedDict((n, m) for n, m in _flow_order(model) if isinstance(m, ActQuantizer))
+    return OrderedDict((n, m) for n, m in _flow_order(model) if isinstance(m, ActQuantiser))
 
 
 def quantised_weight(layer: nn.Module):
@@ -93,9 +100,9 @@ def quantised_weight(layer: nn.Module):
     Raises:
         ValueError: the layer's weight is not quantised.
     """
-    q = weight_quantizer(layer)
+    q = weight_quantiser(layer)
     if q is None:
-        raise ValueError(f"{type(layer).__name__} layer has no WeightQuantizer on its weight; "
+        raise ValueError(f"{type(layer).__name__} layer has no WeightQuantiser on its weight; "
                          f"quantise the model first (nnlab.quant.quantise_model)")
     with torch.no_grad():
         w = layer.weight
@@ -166,7 +173,7 @@ def _placements(model: nn.Module) -> list:
     places = []
     for step in steps:
         if step.kind == "input":
-            name = INPUT_QUANTIZER
+            name = INPUT_QUANTISER
         elif step.kind in graph.PRODUCERS:
             if step.kind in ("conv2d", "linear") and graph.reaches_output_only(step.tail, ops):
                 continue
@@ -181,7 +188,7 @@ def _placements(model: nn.Module) -> list:
     return gm, places
 
 
-def act_quantizer_names(model: nn.Module) -> list:
+def act_quantiser_names(model: nn.Module) -> list:
     """Names of the activation quantisers of ``model`` (keys for ``act_overrides``), in data-flow order.
 
     For a float model: the names :func:`attach_quantisers` gives them,
@@ -194,13 +201,13 @@ def act_quantizer_names(model: nn.Module) -> list:
             nnlab does not support.
     """
     model = unwrap(model)
-    existing = act_quantizers(model)
+    existing = act_quantisers(model)
     if existing:
         return list(existing)
     return [name for _, name, _ in _placements(model)[1]]
 
 
-def _insert_act_quantizers(model: nn.Module, make) -> fx.GraphModule:
+def _insert_act_quantisers(model: nn.Module, make) -> fx.GraphModule:
     """The graph of ``model`` with ``make(name, non_negative)`` inserted after each placement (None: skipped)."""
     gm, places = _placements(model)
     for tail, name, nonneg in places:
@@ -231,14 +238,14 @@ def attach_quantisers(
 ) -> nn.Module:
     """Put weight and activation quantisers into (a copy of) ``model``; activations start in calibration mode.
 
-    Weights: every Conv2d/Linear gets a :class:`WeightQuantizer`
+    Weights: every Conv2d/Linear gets a :class:`WeightQuantiser`
     parametrization whose scale is computed from its weight now.  A layer
     pruned with ``torch.nn.utils.prune`` keeps its mask as a
     :class:`FixedMask` parametrization applied first, so pruned weights stay
     exactly zero.
 
     Activations (when ``act_bits`` or ``act_overrides`` is given): the model
-    is traced (:mod:`nnlab.graph`) and an :class:`ActQuantizer` goes on every
+    is traced (:mod:`nnlab.graph`) and an :class:`ActQuantiser` goes on every
     edge where the NNA stores a tensor: ``"input_quant"`` on the input, and
     ``"<node>_quant"`` after each Conv2d/Linear with what fuses into it
     (batch norm, ReLU/ReLU6/Hardtanh, a max pool), each add, concat and
@@ -269,7 +276,7 @@ def attach_quantisers(
             (a bit-depth or a full QuantSpec), keyed by Conv2d/Linear name.
         act_overrides: per-quantiser activation bits or spec (None: no
             quantiser there), keyed by the quantiser's name (see
-            :func:`act_quantizer_names`), e.g. ``{"input_quant": 8, "pool1_quant": 6}``.
+            :func:`act_quantiser_names`), e.g. ``{"input_quant": 8, "pool1_quant": 6}``.
         inplace: parametrize the layers of ``model`` itself instead of a deep
             copy's (with activation quantisers, the returned GraphModule
             shares those layers).
@@ -303,12 +310,12 @@ def attach_quantisers(
     overrides = _check_overrides("overrides", overrides, list(layers))
     for name, value in overrides.items():
         _weight_spec(weight_bits, granularity, narrow_range, value, name)
-    if any(isinstance(m, (WeightQuantizer, ActQuantizer)) for m in model.modules()):
-        raise ValueError("model is already quantised (it has WeightQuantizer/ActQuantizer modules)")
+    if any(isinstance(m, (WeightQuantiser, ActQuantiser)) for m in model.modules()):
+        raise ValueError("model is already quantised (it has WeightQuantiser/ActQuantiser modules)")
     check_finite_parameters(model)  # NaN or infinity: refused here, naming the layer, not rounded onto a grid
     quantise_activations = act_bits is not None or bool(act_overrides)
     if quantise_activations:  # trace and check every node before anything changes
-        act_overrides = _check_overrides("act_overrides", act_overrides, act_quantizer_names(model))
+        act_overrides = _check_overrides("act_overrides", act_overrides, act_quantiser_names(model))
 
     if not inplace:
         model = _deepcopy(model)
@@ -320,7 +327,7 @@ def attach_quantisers(
         spec = _weight_spec(weight_bits, granularity, narrow_range, value, name)
         _mask_to_parametrization(layer)
         parametrize.register_parametrization(
-            layer, "weight", WeightQuantizer(spec, layer.weight.detach(), method=weight_method,
+            layer, "weight", WeightQuantiser(spec, layer.weight.detach(), method=weight_method,
                                              label=f"the weight of layer {name!r}"))
 
     if quantise_activations:
@@ -334,9 +341,9 @@ def attach_quantisers(
                 spec = QuantSpec.for_activations(value)
             else:
                 spec = QuantSpec.for_inputs(value)
-            return ActQuantizer(spec, method=act_method, label=f"the activations at {name!r}")
+            return ActQuantiser(spec, method=act_method, label=f"the activations at {name!r}")
         device = next(model.parameters()).device
-        model = _insert_act_quantizers(model, make).to(device)
+        model = _insert_act_quantisers(model, make).to(device)
     return model.eval()
 
 
@@ -359,18 +366,18 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
             on its own images and the ranges cover them all.
 
     Returns:
-        The same model, in eval mode, with every ActQuantizer quantising.
+        The same model, in eval mode, with every ActQuantiser quantising.
     """
     check_positive_int("batches", batches)
     # Run the network inside a DDP wrapper: the wrapper's forward passes would overwrite
     # each rank's observed ranges with rank 0's before every batch.
     net = unwrap(model)
-    quantizers = act_quantizers(net)
-    if not quantizers:
+    quantisers = act_quantisers(net)
+    if not quantisers:
         return model.eval()
     dev = resolve_device(device, model)
     loader = loader_of(data, "train")
-    for name, q in quantizers.items():
+    for name, q in quantisers.items():
         q.label = f"the activations at {name!r}"
         q.start_calibration()
     model.eval()
@@ -384,7 +391,7 @@ def calibrate(model: nn.Module, data, batches: int = 4, *, device=None, seed: in
                 break
     if seen == 0:
         raise ValueError("data has no batches to calibrate on")
-    for q in quantizers.values():
+    for q in quantisers.values():
         q.end_calibration(sync_ranks=sync_ranks)
     return model
 
@@ -432,7 +439,7 @@ def quantise_model(
 def freeze(model: nn.Module) -> nn.Module:
     """Clamp every quantised weight to its nearest grid level, for good (the end of retraining).
 
-    For each WeightQuantizer: the scale is recomputed from the final weight
+    For each WeightQuantiser: the scale is recomputed from the final weight
     (a learned scale is kept as learned and becomes a buffer again), the
     quantised values are written into the stored (original) weight, and the
     scale stops tracking the weights.  Learned activation scales become
@@ -447,7 +454,7 @@ def freeze(model: nn.Module) -> nn.Module:
         The same model, in eval mode.
     """
     for layer in weight_layers(model).values():
-        q = weight_quantizer(layer)
+        q = weight_quantiser(layer)
         if q is None:
             continue
         w = quantiser_input(layer)
@@ -458,17 +465,17 @@ def freeze(model: nn.Module) -> nn.Module:
         layer.parametrizations.weight.original.copy_(fake_quantise(w, q.spec, q.scale, q.zero_point))
         q.track = False
         q.set_subset(None)
-    for a in act_quantizers(model).values():
+    for a in act_quantisers(model).values():
         a.fix_scale()
     return model.eval()
 
 
 @torch.no_grad()
 def quantiser_input(layer: nn.Module) -> torch.Tensor:
-    """The weight a layer's WeightQuantizer receives: the stored weight through what comes before it (a pruning mask).
+    """The weight a layer's WeightQuantiser receives: the stored weight through what comes before it (a pruning mask).
 
     Args:
-        layer: a Conv2d or Linear layer with a :class:`WeightQuantizer`.
+        layer: a Conv2d or Linear layer with a :class:`WeightQuantiser`.
 
     Returns:
         A tensor shaped like the weight (no autograd history).
@@ -476,9 +483,9 @@ def quantiser_input(layer: nn.Module) -> torch.Tensor:
     Raises:
         ValueError: the layer's weight is not quantised.
     """
-    q = weight_quantizer(layer)
+    q = weight_quantiser(layer)
     if q is None:
-        raise ValueError(f"{type(layer).__name__} layer has no WeightQuantizer on its weight")
+        raise ValueError(f"{type(layer).__name__} layer has no WeightQuantiser on its weight")
     chain = layer.parametrizations.weight
     w = chain.original
     for p in chain:  # everything before the quantiser (e.g. the pruning mask)
@@ -501,7 +508,7 @@ def distinct_values(model: nn.Module) -> pd.DataFrame:
     """
     rows = []
     for name, layer in weight_layers(model).items():
-        q = weight_quantizer(layer)
+        q = weight_quantiser(layer)
         with torch.no_grad():
             w = layer.weight.detach()
         per_channel = max(len(torch.unique(row)) for row in w.reshape(w.shape[0], -1))
@@ -511,7 +518,7 @@ def distinct_values(model: nn.Module) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def describe(model: nn.Module) -> pd.DataFrame:
+def describe_quantisers(model: nn.Module) -> pd.DataFrame:
     """One row per quantiser in data-flow order: what it quantises and on which grid.
 
     Args:
@@ -527,8 +534,8 @@ def describe(model: nn.Module) -> pd.DataFrame:
     for name, m in _flow_order(model):
         q, kind = None, None
         if isinstance(m, WEIGHT_LAYERS):
-            q, kind = weight_quantizer(m), "weight"
-        elif isinstance(m, ActQuantizer):
+            q, kind = weight_quantiser(m), "weight"
+        elif isinstance(m, ActQuantiser):
             q, kind = m, "activation"
         if q is None:
             continue

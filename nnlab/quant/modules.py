@@ -1,11 +1,11 @@
 """The modules a quantised network is made of.
 
-* :class:`WeightQuantizer`: a ``torch.nn.utils.parametrize`` parametrization
+* :class:`WeightQuantiser`: a ``torch.nn.utils.parametrize`` parametrization
   on a layer's ``weight``: the layer computes with ``fake_quantise(weight)``.
   It also carries the state of random-subset retraining.
 * :class:`FixedMask`: the parametrization a torch pruning mask becomes, so the
   chain is ``weight = quantise(mask * original)`` and pruned zeros stay zero.
-* :class:`ActQuantizer`: a module placed in the network (after the input and
+* :class:`ActQuantiser`: a module placed in the network (after the input and
   after each ReLU) that first observes activations (calibration), then
   fake-quantises them.
 
@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .._args import check_choice, check_float
+from .._deprecated import renamed
 from ..distributed import all_reduce_min_max, all_reduce_sum, is_distributed
 from .grid import Grid
 from .lsq import fake_quantise_learned, lsq_grad_factor, lsq_init
@@ -28,7 +29,11 @@ from .spec import QuantSpec
 from .tensor import (MIN_SCALE, SCALE_METHODS, _check_scale, _fake_quantise, check_finite, compute_qparams,
                      qparams_from_range, quantise)
 
-__all__ = ["WeightQuantizer", "FixedMask", "ActQuantizer", "ACT_METHODS", "SCALE_INITS"]
+__all__ = ["WeightQuantiser", "FixedMask", "ActQuantiser", "ACT_METHODS", "SCALE_INITS"]
+
+#: Deprecated American spellings (old -> new), served with a DeprecationWarning until the next release.
+RENAMED = {"WeightQuantizer": "WeightQuantiser", "ActQuantizer": "ActQuantiser"}
+__getattr__ = renamed(__name__, RENAMED, globals())
 
 ACT_METHODS = ("max", "percentile")
 #: How a learned step starts: ``"lsq"`` (``2 * mean|w| / sqrt(quant_max)``) or ``"current"`` (the scale it has).
@@ -90,7 +95,7 @@ class FixedMask(nn.Module):
         return w * self.mask
 
 
-class WeightQuantizer(_LearnedScale, nn.Module):
+class WeightQuantiser(_LearnedScale, nn.Module):
     """Parametrization that fake-quantises a weight: ``w -> fake_quantise(w, spec, scale, zero_point)``.
 
     Register it with :func:`torch.nn.utils.parametrize.register_parametrization`
@@ -258,7 +263,7 @@ class WeightQuantizer(_LearnedScale, nn.Module):
         return f"spec={self.spec}, method={self.method!r}{learned}"
 
 
-class ActQuantizer(_LearnedScale, nn.Module):
+class ActQuantiser(_LearnedScale, nn.Module):
     """Fake-quantises the activations that flow through it; calibrated on a few batches first.
 
     In calibration mode it passes values through unchanged and records their
@@ -276,7 +281,7 @@ class ActQuantizer(_LearnedScale, nn.Module):
             :func:`nnlab.quant.calibrate` give the quantiser's name).
 
     Attributes:
-        spec, scale, zero_point: as for :class:`WeightQuantizer` (per tensor).
+        spec, scale, zero_point: as for :class:`WeightQuantiser` (per tensor).
         calibrating: True while observing.
         lo, hi, batches: buffers with the observed range and the batch count.
         learning: True after :meth:`learn_scale` (the step is a learned

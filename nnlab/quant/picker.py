@@ -535,7 +535,7 @@ def pick_per_layer(model: nn.Module, data, *, budget_bytes: float | None = None,
             make, bit-depths the accelerator does not support.
         TypeError: a budget that is not a number, a hardware that is not an NNAConfig.
     """
-    from ..nna import report, run, summary
+    from ..nna import headline, report, run
 
     name, value = _budget({"budget_bytes": budget_bytes, "budget_energy_uj": budget_energy_uj,
                            "budget_latency_us": budget_latency_us})
@@ -570,7 +570,7 @@ def pick_per_layer(model: nn.Module, data, *, budget_bytes: float | None = None,
 
     # Measured: the program's own report, its saved file, the test images.
     rep = report(program, hw)
-    s = summary(rep)
+    s = headline(rep)
     x_test, y_test = _images(data, max_test, "test") if max_test else _images(data, None, "test")
     measured = {"storage_bytes": s["storage_bytes"], "energy_uj": s["energy_uj"], "latency_us": s["latency_us"],
                 "file_storage_bytes": _file_storage_bytes(program, hw),
@@ -601,7 +601,7 @@ def _retrain(model, data, bits, share, *, act_bits, hardware, epochs, method, se
              factor, limit, name, unit, progress):
     """Core and quantise the float network per layer as chosen, retrain, compile and measure."""
     from .. import prune
-    from ..nna import compile_model, report, run, summary
+    from ..nna import compile_model, headline, report, run
     from .model import quantise_model
     from .retraining import retrain
 
@@ -613,7 +613,7 @@ def _retrain(model, data, bits, share, *, act_bits, hardware, epochs, method, se
     retrain(qmodel, data, epochs, method=method, seed=seed, device=device, progress=progress)
     qmodel = qmodel.cpu().eval()
     program = compile_model(qmodel, data.input_shape)
-    s = summary(report(program, hardware))
+    s = headline(report(program, hardware))
     value = {"storage_B": s["storage_bytes"], "energy_nJ": s["energy_uj"] * 1000, "latency_us": s["latency_us"]}
     fits = value[column] * factor <= limit * (1 + 1e-9)
     if not fits:

@@ -48,29 +48,34 @@ import torch
 from torch import nn
 
 from .._args import check_choice, check_float, check_int, check_positive_int
+from .._deprecated import renamed
 from ..base import warn_moved
 from ..distributed import is_distributed, shared_generator
 from ..train import Callback, fit
-from .model import (act_quantizers, freeze, quantiser_input, weight_layers,
-                    weight_quantizer)
+from .model import act_quantisers, freeze, quantiser_input, weight_layers, weight_quantiser
 
-__all__ = ["METHODS", "SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
+__all__ = ["METHODS", "SUBSET_SCHEDULES", "SCALE_MODES", "RandomSubset", "retrain", "pretrained_quantised"]
 
 METHODS = ("ste", "random_subset")
-SCHEDULES = ("linear", "steps", "constant")
+#: How :class:`RandomSubset` grows the quantised share of the weights (the learning-rate schedules are
+#: :data:`nnlab.train.SCHEDULES`).
+SUBSET_SCHEDULES = ("linear", "steps", "constant")
+#: Deprecated names (old -> new), served with a DeprecationWarning until the next release.
+RENAMED = {"SCHEDULES": "SUBSET_SCHEDULES"}
+__getattr__ = renamed(__name__, RENAMED, globals())
 #: How scales behave while retraining: follow the weights (no gradient), or learned (LSQ).
 SCALE_MODES = ("follow", "learned")
 
 
-def _quantizers(model):
-    qs = [weight_quantizer(layer) for layer in weight_layers(model).values()]
+def _quantisers(model):
+    qs = [weight_quantiser(layer) for layer in weight_layers(model).values()]
     return [q for q in qs if q is not None]
 
 
 class RandomSubset(Callback):
     """A :func:`nnlab.train.fit` callback that grows the randomly chosen quantised subset of the weights.
 
-    Before each step it sets every WeightQuantizer's ``fraction`` from the
+    Before each step it sets every WeightQuantiser's ``fraction`` from the
     schedule (and draws a new subset when ``redraw`` is True).
 
     Args:
@@ -98,7 +103,7 @@ class RandomSubset(Callback):
     def __init__(self, schedule: str | Callable = "linear", start: float = 0.25, full_at: float = 0.75,
                  stages: int = 3, redraw: bool = True, seed: int | None = None):
         if not callable(schedule):
-            check_choice("schedule", schedule, SCHEDULES)
+            check_choice("schedule", schedule, SUBSET_SCHEDULES)
         self.schedule = schedule
         self.start = check_float("start", start, 0.0, 1.0)
         self.full_at = check_float("full_at", full_at, 0.0, 1.0)
@@ -142,7 +147,7 @@ class RandomSubset(Callback):
     def on_step_start(self, step, total_steps, model):
         frac = self.fraction(step / max(1, total_steps))
         self.history.append(frac)
-        for q in _quantizers(model):
+        for q in _quantisers(model):
             q.set_subset(frac, redraw=self.redraw, generator=self.generator(q.scale.device))
 
 
@@ -191,18 +196,18 @@ def retrain(
     """
     check_choice("method", method, METHODS)
     check_choice("scales", scales, SCALE_MODES)
-    quantizers = _quantizers(model)
-    if not quantizers:
-        raise ValueError("model has no WeightQuantizer; quantise it first with nnlab.quant.quantise_model")
+    quantisers = _quantisers(model)
+    if not quantisers:
+        raise ValueError("model has no WeightQuantiser; quantise it first with nnlab.quant.quantise_model")
     subset = None
     if method == "random_subset":
         subset = RandomSubset(schedule, start=start, full_at=full_at, stages=stages, redraw=redraw)
         callbacks = (subset, *callbacks)
-    for a in act_quantizers(model).values():
+    for a in act_quantisers(model).values():
         if a.calibrating:
             raise ValueError("calibrate the activation quantisers before retraining (nnlab.quant.calibrate)")
     for layer in weight_layers(model).values():
-        q = weight_quantizer(layer)
+        q = weight_quantiser(layer)
         if q is None:
             continue
         q.track = scales == "follow"
@@ -210,7 +215,7 @@ def retrain(
         if scales == "learned" and not q.learning:
             q.learn_scale(quantiser_input(layer), init="lsq")
     if scales == "learned":
-        for a in act_quantizers(model).values():
+        for a in act_quantisers(model).values():
             if not a.learning:
                 a.learn_scale()
     try:

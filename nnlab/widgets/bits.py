@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .._args import check_choice, check_int, check_positive_int
-from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantizer, quantise_model, weight_layers
+from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantiser, quantise_model, weight_layers
 from ..data import first_images
 from ..base import loader_of, resolve_device
 from ._shown import readout, shown_html
@@ -194,7 +194,7 @@ class BitExplorer:
         finally:
             self._quiet = False
 
-    def _input_quantiser(self, layer: str) -> ActQuantizer:
+    def _input_quantiser(self, layer: str) -> ActQuantiser:
         """The activation quantiser whose output enters ``layer``, found by following its input back in the graph.
 
         Raises:
@@ -206,7 +206,7 @@ class BitExplorer:
             node = next((n for n in graph.nodes if n.op == "call_module" and n.target == layer), None)
             while node is not None and node.all_input_nodes:
                 node = node.all_input_nodes[0]
-                if node.op == "call_module" and isinstance(self.quantised.get_submodule(node.target), ActQuantizer):
+                if node.op == "call_module" and isinstance(self.quantised.get_submodule(node.target), ActQuantiser):
                     return self.quantised.get_submodule(node.target)
         raise RuntimeError(f"no activation quantiser feeds layer {layer!r} of the quantised model, so the "
                            f"activations entering it have no grid to draw")

@@ -34,7 +34,7 @@ from ._shown import shown_html
 __all__ = ["CoringExplorer", "coring_explorer"]
 
 ALL = "all layers"
-MODES = ("fraction", "threshold")
+CORING_MODES = ("fraction", "threshold")
 
 
 def _ranks(values: torch.Tensor) -> torch.Tensor:
@@ -101,7 +101,7 @@ class CoringExplorer:
 
     # -- widgets and figure -------------------------------------------------
     def _build_widgets(self):
-        self.mode = widgets.ToggleButtons(options=MODES, value="fraction", description="coring")
+        self.mode = widgets.ToggleButtons(options=CORING_MODES, value="fraction", description="coring")
         self.scope = widgets.ToggleButtons(options=SCOPES, value="global", description="scope")
         self.layer = widgets.Dropdown(options=[ALL, *self.names], value=ALL, description="layer")
         settings, value = self._slider_settings("fraction", "global")
@@ -166,7 +166,7 @@ class CoringExplorer:
     # -- the computation ------------------------------------------------------
     def masks(self, mode: str, value: float, scope: str, layer: str) -> dict:
         """The 0/1 mask of every layer for these settings (see :meth:`update`)."""
-        check_choice("mode", mode, MODES)
+        check_choice("mode", mode, CORING_MODES)
         check_choice("scope", scope, SCOPES)
         check_choice("layer", layer, [ALL, *self.names])
         if mode == "fraction":

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from .._args import check_positive_int
-from ..nna import SERIES2NX, NNAConfig, Program, report, requantise_weights, run, summary
+from ..nna import SERIES2NX, NNAConfig, Program, headline, report, requantise_weights, run
 from ..plots.nna import plot_nna_costs
 from ..data import first_images
 from ._shown import readout, shown_html
@@ -115,7 +115,7 @@ class NNAExplorer:
                       **{s.description: readout(s, z[n]) for n, s in self.sparsity.items()}}
         accuracy = 100.0 * float(np.mean(run(program, self.x).predictions == self.y))
         table = report(program, self.config)
-        s = summary(table)
+        s = headline(table)
         result = {"accuracy": accuracy, **{k: s[k] for k in ("storage_bytes", "compression", "energy_uj",
                                                              "energy_ratio", "latency_us")}}
         if draw:

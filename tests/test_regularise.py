@@ -1,11 +1,11 @@
-"""Tests of nnlab.regularize: L1 and group-lasso penalties."""
+"""Tests of nnlab.regularise: L1 and group-lasso penalties."""
 
 import pytest
 import torch
 from torch import nn
 
 from nnlab import prune as P
-from nnlab import regularize as R
+from nnlab import regularise as R
 from nnlab.data import load_data
 from nnlab.models import LeNet5
 from nnlab.train import fit
