@@ -2,9 +2,9 @@
 
 For each model (trained by its recipe, quick mode with ``--quick``, offline
 MNIST), the per-layer sensitivity is measured once
-(:func:`nnlab.quant.measure_sensitivity`), every uniform setting (one
+(:func:`nnlab.picker.measure_sensitivity`), every uniform setting (one
 bit-depth and one sparsity for all layers) is run on the test images, and
-:func:`nnlab.quant.pick_per_layer` chooses for three storage budgets between
+:func:`nnlab.picker.pick_per_layer` chooses for three storage budgets between
 the cheapest network the options make (``floor``) and the network at uniform
 8-bit dense weights (``dense8``): ``floor + f * (dense8 - floor)`` for
 ``f`` = 0.15, 0.35 and 0.6 (the per-channel parameters make the floor of a
@@ -26,7 +26,7 @@ import time
 import torch
 
 import nnlab
-from nnlab import quant
+from nnlab import picker, quant
 from nnlab.data import load_data
 
 FRACTIONS = (0.15, 0.35, 0.6)
@@ -35,15 +35,15 @@ FRACTIONS = (0.15, 0.35, 0.6)
 def measure(name, data, *, quick, bits, sparsities, images):
     model = nnlab.cache.pretrained(name, data=data, quick=quick, verbose=False)
     start = time.perf_counter()
-    table = quant.measure_sensitivity(model, data, bits=bits, sparsities=sparsities, images=images)
+    table = picker.measure_sensitivity(model, data, bits=bits, sparsities=sparsities, images=images)
     sens_s = time.perf_counter() - start
-    uniform = quant.uniform_settings(table, data)
+    uniform = picker.uniform_settings(table, data)
     dense8 = float(uniform[(uniform.bits == 8) & (uniform.sparsity == 0)].storage_B.iloc[0])
     floor = table.cost_range("storage_B")[0]
     rows = []
     for frac in FRACTIONS:
         budget = round(floor + frac * (dense8 - floor))
-        choice = quant.pick_per_layer(model, data, budget_bytes=budget, sensitivity=table)
+        choice = picker.pick_per_layer(model, data, budget_bytes=budget, sensitivity=table)
         fits = uniform[uniform.storage_B <= budget]
         dense = fits[fits.sparsity == 0]
         best = fits.loc[fits.accuracy.idxmax()] if len(fits) else None

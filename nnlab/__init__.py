@@ -26,7 +26,7 @@ config.apply_threads_when_torch_loads()
 
 _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regularise", "quant", "plots", "widgets",
                "nna", "checks", "pipeline", "cli", "distributed", "graph", "export", "recipes", "base",
-               "sweep", "regularize"}  # regularize: the deprecated spelling of regularise: importing it warns
+               "sweep", "regularize", "picker"}  # regularize: the deprecated spelling of regularise: importing it warns
 
 
 def __getattr__(name):

@@ -11,64 +11,14 @@ value and what is allowed.
 from __future__ import annotations
 
 import numbers
-import os
-from pathlib import Path
 
 from ._args import check_bool, check_choice, check_float, check_int, check_positive_int
-from ._catalogue import DATASETS, SOURCES
+from ._catalogue import DATASETS, FACTORY_FORM, RECIPES, SOURCES, parse_model_argument
 from .base import resolve_device
 
-__all__ = ["parse_model_argument", "resolve_model", "check_module_fits", "check_compress_arguments",
+__all__ = ["parse_model_argument", "check_model_fits", "model_kwargs", "resolve_model", "check_module_fits", "check_compress_arguments",
            "check_quantised_arguments", "check_bits", "check_common", "check_overrides", "check_source",
            "weight_layer_names"]
-
-
-#: How to name a model defined in a Python file, for messages.
-FACTORY_FORM = "path/to/file.py:function (a Python file and a function in it that returns an nn.Module)"
-
-
-def parse_model_argument(text: str, name: str = "model") -> tuple:
-    """Read a model given by name: a registered model, or a Python file and a factory function in it.
-
-    Needs no PyTorch (the command line parses ``--model`` with it before
-    loading anything heavy).  Registered names are those of
-    :data:`nnlab.cache.RECIPES` (``"lenet5"``, ``"torchvision:mobilenet_v2"``
-    ...); anything else must have the form ``path/to/file.py:function``, and
-    the file must exist.
-
-    Args:
-        text: the model argument.
-        name: the argument's name, for messages (``"--model"`` on the command line).
-
-    Returns:
-        ``("name", text)`` for a registered model, or
-        ``("factory", Path, function_name)`` for a file and a function.
-
-    Raises:
-        TypeError: ``text`` is not a string.
-        ValueError: neither a registered name nor ``file.py:function`` (the
-            message lists both forms), a function name that is not a Python
-            identifier, or a file that is not a ``.py`` file.
-        FileNotFoundError: the file does not exist.
-    """
-    from .cache import RECIPES
-
-    if not isinstance(text, str):
-        raise TypeError(f"{name} must be a model name or {FACTORY_FORM}, got {text!r} ({type(text).__name__})")
-    if text in RECIPES:
-        return ("name", text)
-    path, sep, function = text.rpartition(":")
-    names = ", ".join(repr(n) for n in RECIPES)
-    if not sep or not path or not path.endswith(".py"):
-        raise ValueError(f"{name}={text!r} is neither a registered model ({names}) nor {FACTORY_FORM}")
-    if not function.isidentifier():
-        raise ValueError(f"{name}={text!r}: {function!r} is not a Python function name; expected {FACTORY_FORM}")
-    file = Path(os.path.expanduser(path))
-    if not file.exists():
-        raise FileNotFoundError(f"{name}={text!r}: the file {str(file)!r} does not exist")
-    if not file.is_file():
-        raise ValueError(f"{name}={text!r}: {str(file)!r} is not a file")
-    return ("factory", file, function)
 
 
 def check_source(dataset: str, source) -> None:
@@ -130,8 +80,6 @@ def check_common(model, dataset, source, seed, quick, verbose, *, module_allowed
     ``model`` must be a registered name; with ``module_allowed``, an
     ``nn.Module`` passes too (checked by :func:`check_module_fits`).
     """
-    from .cache import RECIPES
-
     if not (module_allowed and not isinstance(model, str)):
         check_choice("model", model, RECIPES)
     if dataset is not None:
@@ -141,6 +89,38 @@ def check_common(model, dataset, source, seed, quick, verbose, *, module_allowed
     if quick is not None:
         check_bool("quick", quick)
     check_bool("verbose", verbose)
+
+
+def model_kwargs(model: str, input_shape: tuple) -> dict:
+    """The constructor arguments that adapt ``model`` to images of ``input_shape`` ``(C, H, W)``."""
+    from .models import data_kwargs
+
+    return data_kwargs(model, input_shape)
+
+
+def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, dataset: str | None = None) -> None:
+    """Refuse, before any training, a model that cannot take images of ``input_shape``.
+
+    Builds ``model`` (untrained) and runs one blank image through it.
+
+    Raises:
+        ValueError: naming the model, the image shape and the data set.
+    """
+    import torch
+
+    from .models import build_model
+
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the caller's random state alone
+            net = build_model(model, num_classes=num_classes, **model_kwargs(model, input_shape))
+            out = net.eval()(torch.zeros(1, *input_shape))
+    except RuntimeError as exc:
+        what = f"the {dataset} images" if dataset else "images"
+        shape = "x".join(str(d) for d in input_shape)
+        raise ValueError(f"model={model!r} cannot take {what} ({shape}): {' '.join(str(exc).split())[:160] or type(exc).__name__}; choose a model "
+                         f"built for this image size (e.g. 'vgg-cifar' for 3x32x32, 'lenet5' for 1x28x28)") from None
+    if tuple(out.shape) != (1, num_classes):
+        raise ValueError(f"model={model!r} gives outputs of shape {tuple(out.shape)} for {num_classes} classes")
 
 
 def check_module_fits(module, input_shape: tuple, num_classes: int, dataset: str | None = None) -> None:
@@ -229,7 +209,6 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
         nnlab.graph.GraphError: a model with an operation nnlab does not support.
     """
     from . import nna
-    from .cache import check_model_fits
     from .nna.engine import accumulator_width
     from .quant import METHODS
 
@@ -266,7 +245,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
             raise ValueError(f"{arg}={bits} is outside what {hardware.name} supports "
                              f"({hardware.min_bits}..{hardware.max_bits} bits)")
     if budget is not None:
-        from .quant.picker import BUDGETS, _budget
+        from .picker import BUDGETS, _budget
 
         if not isinstance(budget, dict):
             raise TypeError(f"budget must be a dict such as {{'budget_bytes': 20000}}, got {type(budget).__name__}")

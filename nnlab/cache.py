@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from . import config
-from ._catalogue import DATASETS
+from ._catalogue import DATASETS, RECIPES
 from .base import atomic_write
-from ._preflight import check_common
+from ._preflight import check_common, check_model_fits, model_kwargs
 
 if TYPE_CHECKING:
     from torch import nn
@@ -58,20 +58,6 @@ class CacheEntryError(ValueError):
     """A cache file is damaged, of an unknown format, or holds another entry."""
 
 
-#: Training recipe of each model: (full-mode epochs, quick-mode epochs) and optimiser settings.
-RECIPES = {
-    "lenet300": {"epochs": (12, 2), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "lenet5": {"epochs": (12, 2), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "vgg-mnist": {"epochs": (8, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "vgg-cifar": {"epochs": (30, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 128, "augment": True},
-    "mobilenet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "mobilenet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
-    "resnet-mnist": {"epochs": (10, 2), "lr": 0.1, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "resnet-cifar": {"epochs": (30, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 128, "augment": True},
-    "torchvision:resnet18": {"epochs": (3, 1), "lr": 0.05, "optimizer": "sgd", "batch_size": 64, "augment": True},
-    "torchvision:mobilenet_v2": {"epochs": (3, 1), "lr": 0.1, "optimizer": "sgd", "batch_size": 64,
-                                 "augment": True},
-}
 
 
 def cache_key(key_fields: dict) -> str:
@@ -231,38 +217,6 @@ def cached(name: str, key_fields: dict, build: Callable[[], dict], *, validate: 
                       f"Point NNLAB_CACHE at a writable directory with free space to keep it.",
                       CacheWarning, stacklevel=2)
     return payload
-
-
-def model_kwargs(model: str, input_shape: tuple) -> dict:
-    """The constructor arguments that adapt ``model`` to images of ``input_shape`` ``(C, H, W)``."""
-    from .models import data_kwargs
-
-    return data_kwargs(model, input_shape)
-
-
-def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, dataset: str | None = None) -> None:
-    """Refuse, before any training, a model that cannot take images of ``input_shape``.
-
-    Builds ``model`` (untrained) and runs one blank image through it.
-
-    Raises:
-        ValueError: naming the model, the image shape and the data set.
-    """
-    import torch
-
-    from .models import build_model
-
-    try:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # leave the caller's random state alone
-            net = build_model(model, num_classes=num_classes, **model_kwargs(model, input_shape))
-            out = net.eval()(torch.zeros(1, *input_shape))
-    except RuntimeError as exc:
-        what = f"the {dataset} images" if dataset else "images"
-        shape = "x".join(str(d) for d in input_shape)
-        raise ValueError(f"model={model!r} cannot take {what} ({shape}): {_one_line(exc)}; choose a model "
-                         f"built for this image size (e.g. 'vgg-cifar' for 3x32x32, 'lenet5' for 1x28x28)") from None
-    if tuple(out.shape) != (1, num_classes):
-        raise ValueError(f"model={model!r} gives outputs of shape {tuple(out.shape)} for {num_classes} classes")
 
 
 def _builder_name(builder) -> str:

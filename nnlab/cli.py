@@ -20,7 +20,7 @@ bars, and writes to ``--out``:
 With ``--budget-bytes N`` (or ``--budget-energy-uj E``, ``--budget-latency-us
 T``) the baseline is also given a weight bit-depth and a sparsity per layer
 that fit that budget on the simulated NNA
-(:func:`nnlab.quant.pick_per_layer`); both reports and the terminal show
+(:func:`nnlab.picker.pick_per_layer`); both reports and the terminal show
 the choice and its measured accuracy and costs.
 
 Both show how many sums overflowed the accelerator's accumulator (the
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``nnlab`` argument parser (built without loading PyTorch)."""
     from . import __version__
     from ._catalogue import DATASETS, SOURCES
-    from .cache import RECIPES
+    from ._catalogue import RECIPES
 
     parser = argparse.ArgumentParser(
         prog="nnlab", description="nnlab: train neural networks for efficient inference.")

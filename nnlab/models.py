@@ -590,7 +590,7 @@ def from_factory(spec: str, *, seed: int = 0) -> nn.Module:
     import inspect
     import sys
 
-    from ._preflight import FACTORY_FORM, parse_model_argument
+    from ._catalogue import FACTORY_FORM, parse_model_argument
 
     kind, *where = parse_model_argument(spec)
     if kind != "factory":

@@ -48,7 +48,7 @@ with it (``CompressionResult.overflow``).
 
 With a ``budget`` (``{"budget_bytes": N}``, ``{"budget_energy_uj": E}`` or
 ``{"budget_latency_us": T}``), the baseline is also handed to
-:func:`nnlab.quant.pick_per_layer`, which chooses a weight bit-depth and a
+:func:`nnlab.picker.pick_per_layer`, which chooses a weight bit-depth and a
 sparsity per layer so that the simulated NNA fits the budget (no
 retraining); its choice is ``CompressionResult.choice``, outside the stage
 table.
@@ -72,7 +72,7 @@ from dataclasses import dataclass, field
 import pandas as pd
 from torch import nn
 
-from . import config, nna, prune, quant
+from . import config, nna, picker, prune, quant
 from ._preflight import check_compress_arguments
 from .cache import cached, pretrained
 from .data import DataBundle, first_images, load_data, make_loader, random_images
@@ -143,7 +143,7 @@ class CompressionResult:
             ``accuracy_without_overflow`` (percent, simulated with the
             needed width; None beyond the 48 bits the engine simulates) and
             ``message`` (the warning).
-        choice: with a ``budget``, the :class:`nnlab.quant.PerLayerChoice`
+        choice: with a ``budget``, the :class:`nnlab.picker.PerLayerChoice`
             of the baseline for it; else None.
         agreement: percent of the simulated test images on which the NNA
             stage's top-1 class equals the retrained PyTorch model's (stage 6).
@@ -395,7 +395,7 @@ def compress(
         verbose: print progress.
         budget: also choose per-layer bit-depths and sparsities for one budget on the
             simulated NNA: ``{"budget_bytes": N}``, ``{"budget_energy_uj": E}`` or
-            ``{"budget_latency_us": T}`` (see :func:`nnlab.quant.pick_per_layer`).
+            ``{"budget_latency_us": T}`` (see :func:`nnlab.picker.pick_per_layer`).
         train: for a module (or file), train it with :data:`MODULE_RECIPE`
             from its weights first; False: it is already trained and is the
             fp32 baseline as it is.  A registered name is always trained
@@ -520,7 +520,7 @@ def compress(
     if budget is not None:
         if verbose:
             print(f"Choosing per-layer bit-depths and sparsities for {budget} ...")
-        choice = quant.pick_per_layer(baseline, data, **budget, act_bits=act_bits, hardware=hardware, seed=seed,
+        choice = picker.pick_per_layer(baseline, data, **budget, act_bits=act_bits, hardware=hardware, seed=seed,
                                       progress=verbose)
 
     stages = pd.DataFrame(rows)

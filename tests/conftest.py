@@ -106,10 +106,10 @@ def picker_net():
 
 @pytest.fixture(scope="session")
 def picker_table(picker_net, data, picker_grid):
-    """``quant.measure_sensitivity`` of ``picker_net`` over ``picker_grid``, on 32 images."""
-    from nnlab import quant
+    """``picker.measure_sensitivity`` of ``picker_net`` over ``picker_grid``, on 32 images."""
+    from nnlab import picker
 
-    return quant.measure_sensitivity(picker_net, data, bits=picker_grid["bits"], sparsities=picker_grid["sparsities"],
+    return picker.measure_sensitivity(picker_net, data, bits=picker_grid["bits"], sparsities=picker_grid["sparsities"],
                                      images=32)
 
 

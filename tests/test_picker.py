@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from nnlab import nna, quant
+from nnlab import nna, picker, quant
 from nnlab.models import build_model
 
 
 
 def _pick(picker_net, data, picker_table, **budget):
-    return quant.pick_per_layer(picker_net, data, sensitivity=picker_table, max_test=64, **budget)
+    return picker.pick_per_layer(picker_net, data, sensitivity=picker_table, max_test=64, **budget)
 
 
 def test_sensitivity_table_has_every_option(picker_table, picker_grid):
@@ -57,7 +57,7 @@ def test_the_knapsack_finds_the_least_damage_that_fits(picker_table):
     lo, hi = picker_table.cost_range("storage_B")
     budget = lo + 0.35 * (hi - lo)
     resolution = 500
-    chosen = quant.solve_budget(picker_table, "storage_B", budget, resolution=resolution)
+    chosen = picker.solve_budget(picker_table, "storage_B", budget, resolution=resolution)
     assert chosen["storage_B"].sum() + picker_table.fixed["storage_B"] <= budget
     options = picker_table.options
     per_layer = [options[options.layer == n][["storage_B", "damage"]].to_numpy() for n in picker_table.layers]
@@ -102,9 +102,9 @@ def test_bad_budgets_are_clear_errors(picker_net, data, picker_table, budget, er
 
 def test_bits_the_accelerator_cannot_run_are_refused(picker_net, data):
     with pytest.raises(ValueError, match="bits contains 2, but .* supports 4 to 16"):
-        quant.measure_sensitivity(picker_net, data, bits=(2, 8))
+        picker.measure_sensitivity(picker_net, data, bits=(2, 8))
     with pytest.raises(ValueError, match="sparsities entry must be"):
-        quant.measure_sensitivity(picker_net, data, sparsities=(0.0, 1.0))
+        picker.measure_sensitivity(picker_net, data, sparsities=(0.0, 1.0))
 
 
 def test_a_network_pruned_with_torch_prune_keeps_its_zeros(data):
@@ -113,9 +113,9 @@ def test_a_network_pruned_with_torch_prune_keeps_its_zeros(data):
     torch.manual_seed(1)
     net = build_model("lenet5").eval()
     prune.core_by_fraction(net, 0.5, scope="layer")
-    table = quant.measure_sensitivity(net, data, bits=(8,), sparsities=(0.0,), images=16)
-    choice = quant.pick_per_layer(net, data, sensitivity=table, max_test=32, budget_bytes=10**9)
-    dense = quant.measure_sensitivity(build_model("lenet5").eval(), data, bits=(8,), sparsities=(0.0,), images=16)
+    table = picker.measure_sensitivity(net, data, bits=(8,), sparsities=(0.0,), images=16)
+    choice = picker.pick_per_layer(net, data, sensitivity=table, max_test=32, budget_bytes=10**9)
+    dense = picker.measure_sensitivity(build_model("lenet5").eval(), data, bits=(8,), sparsities=(0.0,), images=16)
     # The zeros the pruning made are not stored: the pruned network costs fewer bytes than a dense one.
-    assert choice.measured["storage_bytes"] < quant.pick_per_layer(
+    assert choice.measured["storage_bytes"] < picker.pick_per_layer(
         build_model("lenet5").eval(), data, sensitivity=dense, max_test=32, budget_bytes=10**9).measured["storage_bytes"]

@@ -2,7 +2,7 @@
 
 :func:`requantise_weights` prunes and re-quantises a program's weights
 layer by layer, without the model or data; the explorer widget
-(:mod:`nnlab.widgets.nna`) and the bit-depth picker (:mod:`nnlab.quant.picker`)
+(:mod:`nnlab.widgets.nna`) and the bit-depth picker (:mod:`nnlab.picker`)
 cost the result with :func:`nnlab.nna.report`.
 """
 

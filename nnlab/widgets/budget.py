@@ -1,9 +1,9 @@
 """The budget explorer: set a budget, see the bits and zeros chosen per layer and where the choice lands.
 
 The sensitivity of every layer is measured once
-(:func:`nnlab.quant.measure_sensitivity`) and every uniform setting (all
+(:func:`nnlab.picker.measure_sensitivity`) and every uniform setting (all
 layers at one bit-depth and one sparsity) is run once on the test images.
-Each move of the budget slider then asks :func:`nnlab.quant.pick_per_layer`
+Each move of the budget slider then asks :func:`nnlab.picker.pick_per_layer`
 for a choice (the knapsack, the check against the uniform settings, the
 measured cost and test accuracy of the chosen program) and redraws two
 panels: the bit-depth and the share of zeros of each layer, and the
@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from .._args import check_choice, check_positive_int
-from ..quant.picker import BUDGETS, SensitivityTable, measure_sensitivity, pick_per_layer, uniform_settings
+from ..picker import BUDGETS, SensitivityTable, measure_sensitivity, pick_per_layer, uniform_settings
 
 __all__ = ["BudgetExplorer", "budget_explorer"]
 
@@ -34,23 +34,23 @@ _LABELS = {"budget_bytes": "storage (bytes)", "budget_energy_uj": "energy per in
 
 
 class BudgetExplorer:
-    """A budget slider over :func:`nnlab.quant.pick_per_layer`.
+    """A budget slider over :func:`nnlab.picker.pick_per_layer`.
 
     Args:
         model: the trained float network (not changed).
         data: DataBundle: training images measure the sensitivity, test images the accuracy.
         budget: which budget the slider sets: ``"budget_bytes"``,
             ``"budget_energy_uj"`` or ``"budget_latency_us"``.
-        sensitivity: a :class:`nnlab.quant.SensitivityTable` measured before
+        sensitivity: a :class:`nnlab.picker.SensitivityTable` measured before
             (default: measured here with ``bits``, ``sparsities``, ``images``).
-        bits, sparsities, images, hardware, act_bits: as for :func:`nnlab.quant.measure_sensitivity`.
+        bits, sparsities, images, hardware, act_bits: as for :func:`nnlab.picker.measure_sensitivity`.
         max_test: test images per evaluation.
         value: the first budget (default the middle of the reachable range, in the budget's unit).
 
     Attributes:
         widget: the ipywidgets box; ``slider``: the budget slider.
         table: the sensitivity table; ``uniform``: every uniform setting with its test accuracy.
-        choice: the last :class:`nnlab.quant.PerLayerChoice`.
+        choice: the last :class:`nnlab.picker.PerLayerChoice`.
         result: the last :meth:`update`'s figures (``budget``, ``bits``, ``sparsity``,
             ``accuracy``, the three costs, ``how``, ``seconds``).
     """
