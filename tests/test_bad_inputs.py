@@ -216,11 +216,21 @@ def test_cli_answers_without_loading_torch(args):
     assert "torch loaded: False" in proc.stderr, proc.stderr
 
 
+def _default_sigint():
+    """In the child: Ctrl-C back to its default, which Python turns into KeyboardInterrupt.
+
+    A test session started as a background job (``make test &``, ``nohup``) inherits an ignored SIGINT, and so
+    would the command under test, which would then never see the Ctrl-C this test sends.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_cli_ctrl_c_in_a_real_run(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1",
            "NNLAB_CACHE": str(tmp_path / "cache")}
     proc = subprocess.Popen([sys.executable, "-m", "nnlab.cli", "compress", "--quick", "--out", str(tmp_path / "o")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
     try:
         deadline = time.time() + 300
         for line in proc.stdout:  # wait until training has started
