@@ -306,7 +306,8 @@ def test_report_columns_and_ratios(tiny_data):
     assert list(dense_t.columns) == [
         "layer", "op", "w_bits", "a_bits", "density", "format", "payload_B", "index_B", "params_B", "padding_B",
         "storage_B", "fp32_B", "compression", "macs_dense", "macs", "dram_B", "sram_B", "energy_mac_nJ",
-        "energy_sram_nJ", "energy_dram_nJ", "energy_nJ", "fp32_energy_nJ", "energy_ratio", "cycles_compute",
+        "energy_sram_nJ", "energy_dram_nJ", "decode_symbols", "cycles_decode", "energy_decode_nJ", "energy_nJ",
+        "fp32_energy_nJ", "energy_ratio", "cycles_compute",
         "cycles_memory", "cycles", "bound", "latency_us", "fp32_latency_us"]
     assert list(dense_t["layer"].iloc[:-1]) == [layer.name for layer in prog.layers]
     total = dense_t.iloc[-1]
