@@ -101,7 +101,7 @@ __all__ = [
     "bit_sensitivity", "quantisation_by_difficulty", "logits_and_labels",
 ]
 
-from .._deprecated import renamed  # noqa: E402
+from .._deprecated import warn_renamed  # noqa: E402
 from .model import RENAMED as _MODEL_RENAMED  # noqa: E402
 from .modules import RENAMED as _MODULES_RENAMED  # noqa: E402
 from .retraining import RENAMED as _RETRAINING_RENAMED  # noqa: E402
@@ -109,7 +109,6 @@ from .retraining import RENAMED as _RETRAINING_RENAMED  # noqa: E402
 #: Deprecated names (old -> new): American spellings, ``describe`` and ``SCHEDULES``; each still works
 #: until the next release and warns with the new name.
 RENAMED = {**_MODULES_RENAMED, **_MODEL_RENAMED, **_RETRAINING_RENAMED}
-_renamed = renamed(__name__, RENAMED, globals())
 #: Names that moved to :mod:`nnlab.picker` (the budget picker costs networks on the simulated NNA, so it sits
 #: above :mod:`nnlab.nna`); each still works from here until the next release, with a warning.
 MOVED_TO_PICKER = ("pick_per_layer", "measure_sensitivity", "solve_budget", "uniform_settings", "PerLayerChoice",
@@ -124,4 +123,7 @@ def __getattr__(name: str):
         from .. import picker  # a deprecated alias: the only import of a module above nnlab.quant
 
         return getattr(picker, name)
-    return _renamed(name)
+    if name in RENAMED:
+        warn_renamed(__name__, name, RENAMED[name])
+        return globals()[RENAMED[name]]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
