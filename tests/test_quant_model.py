@@ -232,15 +232,16 @@ def test_weights_only_on_any_module(medium_data):
 
 def test_pretrained_quantised_is_cached(medium_data, monkeypatch):
     import nnlab.cache as cache
+    from nnlab import recipes
     calls = []
     real = quant.retrain
 
     def counting(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
-    monkeypatch.setattr("nnlab.quant.retraining.retrain", counting)
-    a = quant.pretrained_quantised("lenet5", 4, 8, data=medium_data, quick=True, epochs=1, verbose=False)
-    b = quant.pretrained_quantised("lenet5", 4, 8, data=medium_data, quick=True, epochs=1, verbose=False)
+    monkeypatch.setattr("nnlab.recipes.retrain", counting)  # where the recipe looks it up
+    a = recipes.pretrained_quantised("lenet5", 4, 8, data=medium_data, quick=True, epochs=1, verbose=False)
+    b = recipes.pretrained_quantised("lenet5", 4, 8, data=medium_data, quick=True, epochs=1, verbose=False)
     assert len(calls) == 1
     assert a.nnlab_metrics["top1"] == b.nnlab_metrics["top1"] == accuracy(b, medium_data)
     _check_levels(b, 4)
