@@ -561,7 +561,7 @@ def simulate(program, images, hardware=None, *, batch_size: int = SIM_BATCH_SIZE
 
     from . import nna
     from ._args import check_positive_int
-    from .nna.engine import Result
+    from .nna.engine import Result, add_counts
 
     check_positive_int("batch_size", batch_size)
     hardware = nna.SERIES2NX if hardware is None else hardware
@@ -570,12 +570,7 @@ def simulate(program, images, hardware=None, *, batch_size: int = SIM_BATCH_SIZE
         part = nna.run(program, images[start: start + batch_size], NNA_MODE, config=hardware)
         logits.append(part.logits)
         width = part.accumulator_bits
-        for name, count in part.saturations.items():
-            saturations[name] = saturations.get(name, 0) + count
-        for name, bits in part.sum_bits.items():
-            sum_bits[name] = max(sum_bits.get(name, 1), bits)
-        for name, count in part.int16_saturations.items():
-            int16[name] = int16.get(name, 0) + count
+        add_counts((saturations, sum_bits, int16), part)
     return Result(np.concatenate(logits), {}, saturations, sum_bits, width, int16)
 
 

@@ -945,17 +945,28 @@ def run(program: Program, x, mode: str = "torch", *, config: NNAConfig | None = 
     for start in range(0, max(len(x), 1), size):  # chunk by chunk, so that each layer's arrays stay in the cache
         out, part = _run_chunk(program, x[start: start + size], mode, width, trace, memo)
         last.append(out)
-        for name, count in part.saturations.items():
-            saturations[name] = saturations.get(name, 0) + count
-        for name, bits in part.sum_bits.items():
-            sum_bits[name] = max(sum_bits.get(name, 1), bits)
-        for name, count in part.int16_saturations.items():
-            int16_saturations[name] = int16_saturations.get(name, 0) + count
+        add_counts((saturations, sum_bits, int16_saturations), part)
         for name, q in part.outputs.items():
             outputs.setdefault(name, []).append(q)
     outputs = {name: np.concatenate(qs) for name, qs in outputs.items()}
     out = np.concatenate(last, axis=1)  # channel-major: images on the second axis
     return Result(output_logits(out, program), outputs, saturations, sum_bits, width, int16_saturations)
+
+
+def add_counts(totals: tuple, part: Result) -> None:
+    """Add the counts of a run on some images to ``totals``, the counts of a run on more.
+
+    ``totals`` is ``(saturations, sum_bits, int16_saturations)``, dicts keyed
+    by layer name, updated in place: saturated sums add up, the widest sum
+    is the widest of both.
+    """
+    saturations, sum_bits, int16_saturations = totals
+    for name, count in part.saturations.items():
+        saturations[name] = saturations.get(name, 0) + count
+    for name, bits in part.sum_bits.items():
+        sum_bits[name] = max(sum_bits.get(name, 1), bits)
+    for name, count in part.int16_saturations.items():
+        int16_saturations[name] = int16_saturations.get(name, 0) + count
 
 
 def _run_chunk(program: Program, x: np.ndarray, mode: str, width: int, trace: bool, memo: dict):
