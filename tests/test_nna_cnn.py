@@ -309,3 +309,32 @@ def test_last_convolution_feeds_the_output_through_a_flatten(data):
     with torch.no_grad():
         expect = qmodel(x).numpy()  # (64, 2 * 5 * 5): channel-major features, each channel on its own scale
     np.testing.assert_allclose(nna.run(program, x).logits, expect, rtol=1e-4, atol=1e-4 * np.abs(expect).max())
+
+
+def test_channels_cored_to_zero_keep_their_bias(trained, data):
+    """Coring can empty whole channels (MobileNetV2's classifier rows at 90% global coring): the bias still fits.
+
+    An empty channel's quantiser gives it the smallest scale allowed; on the accumulator's scale its bias would
+    not fit in int32.  The compiler gives it the layer's largest scale instead, and the program still computes
+    the fake-quantised network.
+    """
+    net = copy.deepcopy(trained["residual"])
+    with torch.no_grad():
+        net[0].weight[:3] = 0.0   # three convolution channels: only their biases remain
+        net[0].bias[:3] = torch.tensor([0.5, -0.25, 2.0])
+        net[-1].weight[2] = 0.0   # one class row of the classifier
+        net[-1].bias[2] = 5.0
+    qmodel = quant.quantise_model(net, data, 8, 8)
+    program = nna.compile_model(qmodel, data.input_shape)
+    conv, fc = (next(layer for layer in program.layers if layer.name == n) for n in ("0", "7"))
+    assert not conv.weight[:3].any() and not fc.weight[2].any()
+    assert np.all(conv.weight_grid.scale[:3] == conv.weight_grid.scale.max())
+    assert fc.weight_grid.scale[2] == fc.weight_grid.scale.max()
+    assert np.all(np.abs(fc.bias.astype(np.int64)) < 2 ** 31 - 1)
+    result = nna.agreement(program, qmodel, data)
+    assert result["agreement"] >= 99.5, result
+    x = next(iter(data.test))[0][:64]
+    with torch.no_grad():
+        expect = qmodel(x).numpy()
+    # the emptied class's logit is its bias alone, on the output grid, in both
+    np.testing.assert_allclose(nna.run(program, x).logits[:, 2], expect[:, 2], atol=1e-4)

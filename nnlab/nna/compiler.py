@@ -70,6 +70,25 @@ def _fold_batchnorm(codes, scale, bias, bn, name):
     return codes, (scale.astype(np.float64) * np.abs(k)).astype(np.float32), bias
 
 
+def _scale_empty_channels(codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Give every channel whose weights are all zero the layer's largest scale.
+
+    Such a channel (left by coring, or by weights that all round to 0) outputs
+    only its bias, whatever its scale: its integers are 0 on any grid.  Its
+    quantiser, though, may have set a tiny scale (the smallest one allowed,
+    for a channel whose largest weight is 0), and on the accumulator's scale
+    ``in_scale * weight_scale`` its bias would then not fit in int32.  With the
+    layer's largest scale (1.0 when every channel is empty) the computed
+    network is the same and the bias fits.
+    """
+    empty = ~codes.reshape(codes.shape[0], -1).any(axis=1)
+    if not empty.any():
+        return scale
+    scale = scale.copy()
+    scale[empty] = scale[~empty].max() if not empty.all() else 1.0
+    return scale
+
+
 class _Compiler:
     """Turns the fused steps of a quantised model's graph into program layers."""
 
@@ -172,6 +191,7 @@ class _Compiler:
             if codes.max() > spec.quant_max or codes.min() < spec.quant_min:
                 raise ValueError(f"layer {op.name!r}: folding a negative batch-norm factor pushes a weight outside "
                                  f"the {spec.bits}-bit grid; use narrow_range=True weights")
+        scale = _scale_empty_channels(codes, scale)
         conv = op.kind == "conv2d"
         geometry = {k: op.attrs[k] for k in ("stride", "padding", "dilation", "groups")} if conv else {}
         int_bias, frac_bits = _int_bias(bias, in_grid.scale, scale, op.name)
