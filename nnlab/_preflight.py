@@ -194,7 +194,7 @@ def resolve_model(model, seed: int = 0):
 
 def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, act_bits, method, hardware,
                              device, seed, quick, l1, verbose, budget=None, train=True, name=None, sim_images=None,
-                             sim_batch_size=250):
+                             sim_batch_size=250, keep_models=True):
     """Check every argument of :func:`nnlab.pipeline.compress` before any data is loaded or model trained.
 
     Returns:
@@ -216,6 +216,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
     model = resolve_model(model, seed)
     check_common(model, dataset, source, seed, quick, verbose, module_allowed=True)
     check_bool("train", train)
+    check_bool("keep_models", keep_models)
     if isinstance(model, str) and not train:
         raise ValueError(f"train=False needs an nn.Module (a network you trained yourself); model={model!r} is a "
                          f"registered name, whose baseline is always trained (and cached)")

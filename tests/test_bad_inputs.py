@@ -270,6 +270,7 @@ def test_cli_ctrl_c_in_a_real_run(tmp_path):
     ({"sim_batch_size": 0}, ValueError, "sim_batch_size must be a positive integer, got 0"),
     ({"sim_batch_size": None}, TypeError, "sim_batch_size must be a positive integer, got None"),
     ({"data": "mnist"}, TypeError, "data must be None or a DataBundle from nnlab.data.load_data, got str"),
+    ({"keep_models": "no"}, TypeError, "keep_models must be True or False, got 'no' (str)"),
 ])
 def test_compress_refuses_before_work(no_work, kwargs, error, message):
     with pytest.raises(error, match=_literal(message)):

@@ -68,6 +68,7 @@ def lenet5_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NNLAB_CACHE", cache)  # the session's test cache: trained once, then the same networks
         return {"one": pipeline.compress("lenet5", sim_batch_size=1000, **kwargs),
+                "lean": pipeline.compress("lenet5", keep_models=False, **kwargs),
                 "batches": pipeline.compress("lenet5", sim_batch_size=64, **kwargs),
                 "subset": pipeline.compress("lenet5", sim_images=200, sim_batch_size=64, **kwargs)}
 
@@ -107,3 +108,13 @@ def test_sim_images_simulates_a_fixed_draw_and_says_so(lenet5_runs, tmp_path):
     page = (tmp_path / "report.html").read_text()
     assert "The NNA stage simulated 200 of the 1,000 test images (a fixed random draw)" in page
     assert json.loads((tmp_path / "report.json").read_text())["agreement"] == subset.agreement
+
+
+def test_keep_models_false_keeps_only_the_deployed_stages(lenet5_runs):
+    """The same figures; result.models holds only the retrained network and the program."""
+    lean, full = lenet5_runs["lean"], lenet5_runs["one"]
+    pd.testing.assert_frame_equal(lean.stages, full.stages)
+    assert list(lean.models) == ["retrained low-bit", "NNA (integer)"]
+    assert lean.models["NNA (integer)"] is lean.program
+    assert list(full.models) == [s for s in pipeline.STAGES if s != "L1 + pruned + distilled"]
+    assert lean.settings["keep_models"] is False and full.settings["keep_models"] is True
