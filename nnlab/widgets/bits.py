@@ -13,7 +13,6 @@ import io
 import time
 
 import ipywidgets as widgets
-import numpy as np
 import torch
 from IPython.display import display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -24,6 +23,7 @@ from .._args import check_choice, check_int, check_positive_int
 from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantiser, quantise_model, weight_layers
 from ..data import first_images
 from ..base import loader_of, resolve_device
+from ..plots.reduction import plot_levels
 from ._shown import readout, shown_html
 
 __all__ = ["BitExplorer", "bit_explorer"]
@@ -212,8 +212,6 @@ class BitExplorer:
                            f"activations entering it have no grid to draw")
 
     def _draw(self, layer, result, act_bits):
-        from ..plots.reduction import plot_levels
-
         self.ax.clear()
         bits = result["bits"][layer]
         plot_levels(self.quantised.get_submodule(layer), ax=self.ax, bins=self.bins)
