@@ -74,53 +74,39 @@ __all__ = ["main", "build_parser", "write_report"]
 _DEVICE = re.compile(r"^((cpu|cuda|mps)(:[0-9]+)?|auto)$")
 
 
-def _ranged_float(name, low, high, high_open=False):
+def _checked(name: str, convert, kind: str, ok, allowed: str):
+    """An argparse ``type`` for the option ``name``: ``convert(text)`` (``int`` or ``float``), if ``ok`` accepts it.
+
+    Text that does not convert is refused as ``"{name} must be {kind}, got '...'"``, a value that ``ok`` refuses as
+    ``"{name} must be {allowed}, got '...'"``: one line naming the option, what is allowed and what was given.
+    """
     def parse(text):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (low <= value < high if high_open else low <= value <= high):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {text!r}")
         return value
     return parse
+
+
+def _ranged_float(name, low, high, high_open=False):
+    if high_open:
+        return _checked(name, float, "a number", lambda v: low <= v < high, f"in [{low}, {high})")
+    return _checked(name, float, "a number", lambda v: low <= v <= high, f"in [{low}, {high}]")
 
 
 def _ranged_int(name, low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be in {low}..{high}, got {value}")
-        return value
-    return parse
+    return _checked(name, int, "an integer", lambda v: low <= v <= high, f"in {low}..{high}")
 
 
 def _positive_float(name):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (value > 0 and value != float("inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive, finite number, got {text!r}")
-        return value
-    return parse
+    return _checked(name, float, "a number", lambda v: 0 < v < float("inf"), "a positive, finite number")
 
 
 def _positive_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
-        return value
-    return parse
+    return _checked(name, int, "a positive integer", lambda v: v > 0, "a positive integer")
 
 
 def _model_argument(text):
