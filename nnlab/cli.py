@@ -77,8 +77,8 @@ _DEVICE = re.compile(r"^((cpu|cuda|mps)(:[0-9]+)?|auto)$")
 def _checked(name: str, convert, kind: str, ok, allowed: str):
     """An argparse ``type`` for the option ``name``: ``convert(text)`` (``int`` or ``float``), if ``ok`` accepts it.
 
-    Text that does not convert is refused as ``"{name} must be {kind}, got '...'"``, a value that ``ok`` refuses as
-    ``"{name} must be {allowed}, got '...'"``: one line naming the option, what is allowed and what was given.
+    Text that does not convert is refused as ``"{name} must be {kind}, got 'text'"``, a value that ``ok`` refuses
+    as ``"{name} must be {allowed}, got value"``: one line naming the option, what is allowed and what was given.
     """
     def parse(text):
         try:
@@ -86,7 +86,7 @@ def _checked(name: str, convert, kind: str, ok, allowed: str):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
         if not ok(value):
-            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {value}")
         return value
     return parse
 
