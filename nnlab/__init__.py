@@ -15,6 +15,9 @@ it, and the thread count (``NNLAB_THREADS``) is applied the moment it does.
 
 from __future__ import annotations
 
+import importlib
+import os
+
 __version__ = "0.1.0"
 
 from . import config
@@ -32,8 +35,6 @@ _SUBMODULES = {"cache", "data", "models", "train", "prune", "distill", "regulari
 def __getattr__(name):
     # Submodules load on first use (``nnlab.data.load_data(...)``), keeping ``import nnlab`` fast.
     if name in _SUBMODULES:
-        import importlib
-
         return importlib.import_module(f"{__name__}.{name}")
     raise AttributeError(f"module 'nnlab' has no attribute {name!r}")
 
@@ -44,7 +45,7 @@ def about() -> dict:
     Notebooks print it in their first cell so that a screenshot of a problem
     says everything needed to reproduce it.
     """
-    import os
+    # lazy: import nnlab stays light; PyTorch loads with the first submodule that needs it
     import platform
 
     import numpy

@@ -10,6 +10,7 @@ value and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import numbers
 
 from ._args import check_bool, check_choice, check_float, check_int, check_positive_int
@@ -34,6 +35,7 @@ def check_source(dataset: str, source) -> None:
 
 def check_bits(name: str, bits, *, optional: bool = False) -> int | None:
     """A bit-depth nnlab's quantisers support (``nnlab.quant.MIN_BITS`` .. ``MAX_BITS``), or None if ``optional``."""
+    # lazy: quant.spec loads PyTorch; the command line checks its options before that
     from .quant.spec import MAX_BITS, MIN_BITS
 
     if bits is None and optional:
@@ -43,6 +45,7 @@ def check_bits(name: str, bits, *, optional: bool = False) -> int | None:
 
 def weight_layer_names(model: str) -> list:
     """Names of the Conv2d and Linear layers of the zoo model ``model`` (built untrained, in a second)."""
+    # lazy: PyTorch and the models load only once the cheap checks have passed
     import torch
     from torch import nn
 
@@ -55,6 +58,7 @@ def weight_layer_names(model: str) -> list:
 
 def check_overrides(overrides, model: str) -> None:
     """``overrides`` is None or ``{layer name: bits or QuantSpec}`` naming layers of ``model``."""
+    # lazy: quant.spec loads PyTorch; the command line checks its options before that
     from .quant.spec import MAX_BITS, MIN_BITS, QuantSpec
 
     if overrides is None:
@@ -93,6 +97,7 @@ def check_common(model, dataset, source, seed, quick, verbose, *, module_allowed
 
 def model_kwargs(model: str, input_shape: tuple) -> dict:
     """The constructor arguments that adapt ``model`` to images of ``input_shape`` ``(C, H, W)``."""
+    # lazy: models loads PyTorch; the command line checks its options before that
     from .models import data_kwargs
 
     return data_kwargs(model, input_shape)
@@ -106,6 +111,7 @@ def check_model_fits(model: str, input_shape: tuple, num_classes: int = 10, data
     Raises:
         ValueError: naming the model, the image shape and the data set.
     """
+    # lazy: PyTorch and the models load only once the cheap checks have passed
     import torch
 
     from .models import build_model
@@ -138,8 +144,7 @@ def check_module_fits(module, input_shape: tuple, num_classes: int, dataset: str
         nnlab.graph.GraphError: it cannot be traced, or a node is not
             supported (the message names the node and its operation).
     """
-    import copy
-
+    # lazy: PyTorch and quant load only once the cheap checks have passed
     import torch
     from torch import nn
 
@@ -181,9 +186,11 @@ def resolve_model(model, seed: int = 0):
         kind, *_ = parse_model_argument(model)
         if kind == "name":
             return model
+        # lazy: models loads PyTorch; a registered model's name needs no PyTorch
         from .models import from_factory
 
         return from_factory(model, seed=seed)
+    # lazy: PyTorch loads only once the cheap checks have passed
     from torch import nn
 
     if not isinstance(model, nn.Module):
@@ -208,6 +215,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
             missing or cannot be imported.
         nnlab.graph.GraphError: a model with an operation nnlab does not support.
     """
+    # lazy: the simulator and quant load PyTorch; the command line checks its options before that
     from . import nna
     from .nna.engine import accumulator_width
     from .quant import METHODS
@@ -246,6 +254,7 @@ def check_compress_arguments(model, dataset, *, source, sparsity, weight_bits, a
             raise ValueError(f"{arg}={bits} is outside what {hardware.name} supports "
                              f"({hardware.min_bits}..{hardware.max_bits} bits)")
     if budget is not None:
+        # lazy: the picker loads PyTorch, needed only with a budget
         from .picker import BUDGETS, _budget
 
         if not isinstance(budget, dict):
@@ -270,6 +279,7 @@ def check_quantised_arguments(model, weight_bits, act_bits, *, method, epochs, s
     Raises:
         ValueError, TypeError: naming the argument, the value and what is allowed.
     """
+    # lazy: data and quant load PyTorch; the command line checks its options before that
     from .data import DataBundle
     from .quant import GRANULARITIES, METHODS
 

@@ -29,6 +29,7 @@ DEVICE_CHOICES = "'cpu', 'cuda', 'cuda:N', 'mps', 'auto' or None"
 
 
 def _model_device(model) -> torch.device:
+    # lazy: base must not load PyTorch (the command line uses it before PyTorch loads)
     import torch
 
     for tensor in model.parameters():
@@ -66,6 +67,7 @@ def resolve_device(device, model: nn.Module | None = None) -> torch.device:
             machine does not have.
         TypeError: ``device`` is neither a string, a ``torch.device`` nor None.
     """
+    # lazy: base must not load PyTorch (the command line uses it before PyTorch loads)
     import torch
 
     if device is None and model is not None:
@@ -114,6 +116,7 @@ def loader_of(data, split: str = "train"):
 
 def unwrap(model: nn.Module) -> nn.Module:
     """The network inside a DistributedDataParallel (or DataParallel) wrapper; any other model unchanged."""
+    # lazy: base must not load PyTorch (the command line uses it before PyTorch loads)
     from torch import nn
 
     while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):

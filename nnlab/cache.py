@@ -26,6 +26,7 @@ Importing this module does not load PyTorch (the command line reads
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -79,12 +80,14 @@ def environment() -> dict:
     Returns:
         ``{"threads": torch.get_num_threads()}``.
     """
+    # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
     import torch
 
     return {"threads": torch.get_num_threads()}
 
 
 def _serialise(obj) -> bytes:
+    # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
     import torch
 
     buffer = io.BytesIO()
@@ -132,6 +135,7 @@ def read_entry(path: str | os.PathLike, key: str | None = None):
             another key, or a payload that cannot be loaded.
         OSError: the file cannot be read.
     """
+    # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
     import torch
 
     blob = Path(path).read_bytes()
@@ -225,8 +229,6 @@ def _builder_name(builder) -> str:
     ``functools.partial(torchvision_model, "resnet18")`` is
     ``"torchvision_model('resnet18')"``.
     """
-    import functools
-
     if isinstance(builder, functools.partial):
         args = [repr(a) for a in builder.args] + [f"{k}={v!r}" for k, v in sorted(builder.keywords.items())]
         return f"{_builder_name(builder.func)}({', '.join(args)})"
@@ -264,6 +266,7 @@ def pretrained(
         The model in eval mode on ``device``; ``model.nnlab_metrics`` holds
         its test accuracy and training time as measured when it was trained.
     """
+    # lazy: PyTorch, data, models and train load only when a model is asked for: importing the cache must not load PyTorch
     import torch
 
     from .data import DataBundle, load_data, make_loader

@@ -32,6 +32,9 @@ import torch.nn.functional as F
 import torch.nn.utils.prune as torch_prune
 from torch import nn
 
+from .models import LeNet5, LeNet300100
+from .nna.packing import pack
+
 __all__ = ["CheckResult", "fraction_coring", "distillation_loss", "l1_penalty", "fake_quantiser",
            "nearest_level", "pack_bits", "EXERCISES"]
 
@@ -210,8 +213,6 @@ def distillation_loss(fn: Callable) -> CheckResult:
 
 def l1_penalty(fn: Callable[[nn.Module, float], torch.Tensor]) -> CheckResult:
     """Check ``fn(model, strength) -> strength * sum of |w|`` over every Conv2d and Linear weight (not biases)."""
-    from .models import LeNet5, LeNet300100
-
     cases = []
     for builder, strength in ((LeNet5, 1e-4), (LeNet300100, 1e-3), (LeNet5, 0.5)):
         torch.manual_seed(3)
@@ -272,8 +273,6 @@ def nearest_level(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> C
 # -- notebook 06: packing low-bit values -----------------------------------------------
 
 def _reference_pack(values: np.ndarray, bits: int) -> bytes:
-    from .nna.packing import pack
-
     return bytes(pack(np.asarray(values), bits, signed=False))
 
 

@@ -33,6 +33,8 @@ import math
 import numbers
 import os
 
+from .config import course_seed, quick_mode
+
 __all__ = ["claim", "ClaimFailed"]
 
 _BOUNDS = {"above": ">", "below": "<", "at_least": ">=", "at_most": "<=", "equals": "=="}
@@ -114,9 +116,8 @@ def _record(text, value, bounds, ok, unit):
     path = os.environ.get("NNLAB_CLAIMS_LOG")
     if not path:
         return
+    # lazy: claims is imported without PyTorch; only logging a claim needs it
     import torch
-
-    from .config import course_seed, quick_mode
 
     line = json.dumps({"claim": text, "measured": value, "bounds": bounds, "passed": ok, "unit": unit,
                        "seed": course_seed(), "threads": torch.get_num_threads(), "quick": quick_mode()})

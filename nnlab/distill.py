@@ -223,7 +223,7 @@ def prune_and_distill(
 
 def pretrained_sparse(*args, **kwargs):
     """Deprecated alias of :func:`nnlab.recipes.pretrained_sparse` (same arguments, same result)."""
-    from .recipes import pretrained_sparse as recipe  # deprecated alias: the recipe sits above this technique
+    from .recipes import pretrained_sparse as recipe  # lazy: a deprecated alias; the recipe sits above this technique
 
     warn_moved("nnlab.distill.pretrained_sparse", "nnlab.recipes.pretrained_sparse")
     return recipe(*args, **kwargs)

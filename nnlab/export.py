@@ -140,10 +140,15 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from torch import nn
 
-from . import __version__
+from . import __version__, nna
 from ._args import check_bool, check_choice, check_int
 from .base import atomic_write
+from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, Program, WeightLayer
+from .nna.shapes import output_shapes
+from .quant import weight_layers, weight_quantiser
 
 __all__ = ["to_onnx", "run_onnx", "compare", "node_table", "weight_storage", "DEFAULT_OPSET", "MIN_OPSET",
            "BIASES", "FORMS", "OPTIMIZATIONS", "InexactExportWarning", "EXACT_FLOAT32", "require_onnx"]
@@ -169,13 +174,13 @@ def require_onnx(runtime: bool = False):
         The ``onnx`` module, or ``(onnx, onnxruntime)`` with ``runtime=True``.
     """
     try:
-        import onnx
+        import onnx  # lazy: optional extra (onnx)
     except ImportError as exc:
         raise ImportError(f"ONNX export needs the onnx package, which is not installed; {INSTALL_HINT}") from exc
     if not runtime:
         return onnx
     try:
-        import onnxruntime
+        import onnxruntime  # lazy: optional extra (onnxruntime)
     except ImportError as exc:
         raise ImportError(f"running an ONNX file needs the onnxruntime package, which is not installed; "
                           f"{INSTALL_HINT}") from exc
@@ -185,6 +190,7 @@ def require_onnx(runtime: bool = False):
 # ----------------------------------------------------------------------------- integer types
 def _container(bits: int, signed: bool, opset: int, weight: bool, what: str):
     """The ONNX integer type holding a ``bits``-bit grid: (TensorProto type, numpy dtype, low, high)."""
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import TensorProto
 
     if weight and bits <= 4 and opset >= 21:
@@ -223,6 +229,7 @@ class _Builder:
         return name
 
     def init(self, name, array=None, *, data_type=None, dims=None, values=None, raw=False) -> str:
+        # lazy: onnx is an optional extra, imported only when exporting
         from onnx import helper, numpy_helper
 
         name = self.unique(name)
@@ -233,6 +240,7 @@ class _Builder:
         return name
 
     def node(self, op, inputs, output, name, **attrs) -> str:
+        # lazy: onnx is an optional extra, imported only when exporting
         from onnx import helper
 
         output = self.unique(output)
@@ -270,6 +278,7 @@ class _Builder:
     # -- weights
     def weight_integers(self, layer) -> str:
         """The weight layer's integers as an initializer of their bit-depth's container (INT4 packed, INT8, INT16)."""
+        # lazy: onnx is an optional extra, imported only when exporting
         from onnx import TensorProto
 
         name, grid = layer.name, layer.weight_grid
@@ -316,10 +325,8 @@ def _pads(padding) -> list:
 
 def _graph(program, opset: int, bias: str, signed_activations: bool):
     """The ONNX GraphProto of ``program`` and the builder that made it."""
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import TensorProto, helper
-
-    from .nna.shapes import output_shapes
-    from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
 
     shapes = output_shapes(program)
     b = _Builder(opset, bias, signed_activations)
@@ -475,11 +482,13 @@ class _ExactBuilder(_Builder):
         return self.node("Gemm", [x, wf], f"{name}_sum", name, transB=1)
 
     def double(self, x: str, name: str, what: str) -> str:
+        # lazy: onnx is an optional extra, imported only when exporting
         from onnx import TensorProto
 
         return self.node("Cast", [x], f"{name}_{what}", name, to=TensorProto.DOUBLE)
 
     def single(self, x: str, name: str, what: str) -> str:
+        # lazy: onnx is an optional extra, imported only when exporting
         from onnx import TensorProto
 
         return self.node("Cast", [x], f"{name}_{what}", name, to=TensorProto.FLOAT)
@@ -561,6 +570,7 @@ def _exact_pool(b: _ExactBuilder, layer):
     channels = int(b.shapes[layer.inputs[0]][0])
     largest = max(abs(int(grid.quant_min)), abs(int(grid.quant_max))) if raw else _largest_centred(grid)
     b.check_sums(name, n * largest, "its window sums")
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import TensorProto, helper
 
     shape = b.const(f"{name}_window_shape", np.array([channels, 1, kh, kw], np.int64), np.int64)
@@ -597,10 +607,8 @@ def _exact_pool(b: _ExactBuilder, layer):
 
 def _exact_graph(program, opset: int, signed_activations: bool):
     """The exact form's GraphProto of ``program`` (see :func:`to_onnx`) and the builder that made it."""
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import TensorProto, helper
-
-    from .nna.shapes import output_shapes
-    from .nna.program import AddLayer, ConcatLayer, FlattenLayer, InputLayer, PoolLayer, WeightLayer
 
     shapes = output_shapes(program)
     b = _ExactBuilder(opset, signed_activations, shapes)
@@ -667,12 +675,6 @@ def _exact_graph(program, opset: int, signed_activations: bool):
 
 def _program(model, input_shape):
     """The compiled program of ``model`` (a Program passes through), refusing a float model by name."""
-    from torch import nn
-
-    from . import nna
-    from .nna.program import Program
-    from .quant import weight_layers, weight_quantiser
-
     if isinstance(model, Program):
         return model
     if not isinstance(model, nn.Module):
@@ -724,7 +726,7 @@ def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset:
             its operation and what is supported).
     """
     onnx = require_onnx()
-    from onnx import helper
+    from onnx import helper  # lazy: optional extra, checked by require_onnx above
 
 
     newest = onnx.defs.onnx_opset_version()
@@ -766,6 +768,7 @@ def to_onnx(model, path, *, form: str = "exact", input_shape=(1, 28, 28), opset:
 
 def _ir_version(opset: int) -> int:
     """The IR version that goes with ``opset`` (an old runtime refuses a newer IR)."""
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import helper
 
     for entry in helper.VERSION_TABLE:  # (release, ir, opset, ...)
@@ -824,6 +827,7 @@ def run_onnx(model, images, *, optimization: str = "basic", threads: int = 1, ba
     Raises:
         ImportError: onnx or onnxruntime is missing.
     """
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import helper
 
     check_choice("optimization", optimization, OPTIMIZATIONS)
@@ -880,8 +884,6 @@ def compare(model, program, images, *, optimization: str = "basic", threads: int
         ``max_logit_difference`` (largest absolute difference of the logits)
         and ``images``.
     """
-    from . import nna
-
     logits, ints = run_onnx(model, images, optimization=optimization, threads=threads, intermediates=True)
     x = images.detach().cpu().numpy() if hasattr(images, "detach") else np.asarray(images, np.float32)
     sim = nna.run(program, x, trace=True)
@@ -912,8 +914,6 @@ def node_table(model):
     Args:
         model: the ``.onnx`` path or ModelProto.
     """
-    import pandas as pd
-
     proto = _load(model)
     return pd.DataFrame([{"op": n.op_type, "name": n.name, "inputs": ", ".join(n.input), "output": ", ".join(n.output)}
                          for n in proto.graph.node])
@@ -926,7 +926,7 @@ def weight_storage(model):
     Args:
         model: the ``.onnx`` path or ModelProto.
     """
-    import pandas as pd
+    # lazy: onnx is an optional extra, imported only when exporting
     from onnx import TensorProto, numpy_helper
 
     proto = _load(model)

@@ -43,16 +43,22 @@ included.
 from __future__ import annotations
 
 import functools
+import hashlib
+import importlib.util
+import inspect
 import math
 import numbers
 import re
+import sys
 from collections import OrderedDict
 
 import pandas as pd
 import torch
 from torch import nn
 
+from . import graph
 from ._args import check_choice, check_float, check_positive_int
+from ._catalogue import FACTORY_FORM, parse_model_argument
 
 __all__ = ["NamedSequential", "LeNet300100", "LeNet5", "VGGSmall", "ConvBN", "InvertedResidual",
            "MobileNetV2Small", "BasicBlock", "ResNetSmall", "TORCHVISION_MODELS", "torchvision_model", "MODELS",
@@ -478,6 +484,7 @@ def torchvision_model(arch: str, num_classes: int = 10, in_channels: int = 3, sm
     check_positive_int("in_channels", in_channels)
     if not isinstance(small_input, bool):
         raise TypeError(f"small_input must be True or False, got {small_input!r}")
+    # lazy: torchvision takes ~1 s to import; only its models need it
     import torchvision
 
     if arch == "resnet18":
@@ -586,18 +593,10 @@ def from_factory(spec: str, *, seed: int = 0) -> nn.Module:
         TypeError: the name is not a function, the function needs
             arguments, or it returned something other than an ``nn.Module``.
     """
-    import importlib.util
-    import inspect
-    import sys
-
-    from ._catalogue import FACTORY_FORM, parse_model_argument
-
     kind, *where = parse_model_argument(spec)
     if kind != "factory":
         raise ValueError(f"model={spec!r} is a registered model name, not {FACTORY_FORM}; use build_model")
     path, function = where
-    import hashlib
-
     # The same name in every process: the module's classes enter the cache key of what is trained from them.
     module_name = f"nnlab_factory_{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]}"
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
@@ -713,8 +712,6 @@ def summary(model: nn.Module, input_shape=(1, 28, 28), device=None) -> pd.DataFr
         ValueError: a bad ``input_shape``.
         nnlab.graph.GraphError: the model cannot be traced, or fails on this input shape.
     """
-    from . import graph
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     shape = tuple(input_shape)

@@ -48,9 +48,19 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from . import prune
+from .data import first_images
+from .nna import compile_model, headline, layer_costs, report, run, save
+from .nna.config import SERIES2NX, NNAConfig
+from .nna.engine import _check_input, _step, accumulator_width, output_logits
+from .nna.program import Program
+from .nna.whatif import requantise_weights
 from ._args import check_float, check_int, check_positive_int
 from .quant.model import _deepcopy
+from .quant.model import quantise_model
+from .quant.retraining import retrain
 from .quant.spec import MAX_BITS, MIN_BITS
 
 __all__ = ["BUDGETS", "PerLayerChoice", "SensitivityTable", "measure_sensitivity", "solve_budget", "pick_per_layer",
@@ -70,8 +80,6 @@ _COST_COLUMNS = ("storage_B", "energy_nJ", "latency_us")
 # ----------------------------------------------------------------------------- running a program from a layer on
 def _reference_values(program, x, hardware):
     """Every layer's integer output (the engine's own representation) for images ``x`` on ``hardware``."""
-    from .nna.engine import _check_input, _step, accumulator_width
-
     x = _check_input(program, x)
     width = accumulator_width(hardware)
     values = {}
@@ -82,16 +90,12 @@ def _reference_values(program, x, hardware):
 
 def _logits_from(program, changed: dict, x, values, width) -> np.ndarray:
     """Logits of ``program`` with the layers in ``changed`` replaced, re-running only from the first changed one."""
-    from .nna.engine import _step, output_logits
-
     first = min(i for i, layer in enumerate(program.layers) if layer.name in changed)
     values = dict(values)
     for layer in program.layers[first:]:
         layer = changed.get(layer.name, layer)
         values[layer.name] = _step(layer, [values[n] for n in layer.inputs], x, "torch", width, {}, {}, {})
     if program.output.name in changed or any(l.name in changed for l in program.layers[-3:]):
-        from .nna.program import Program  # the output's scale is the changed last layer's
-
         program = Program([changed.get(l.name, l) for l in program.layers], program.name, program.source)
     return output_logits(values[program.output.name], program)
 
@@ -145,8 +149,6 @@ def _sparsity_options(sparsities) -> list:
 
 
 def _hardware(hardware):
-    from .nna.config import SERIES2NX, NNAConfig
-
     hardware = SERIES2NX if hardware is None else hardware
     if not isinstance(hardware, NNAConfig):
         raise TypeError(f"hardware must be an nnlab.nna.NNAConfig, got {type(hardware).__name__}")
@@ -157,8 +159,6 @@ def _hardware(hardware):
 
 
 def _images(data, n: int, split: str, seed: int = 0):
-    from .data import first_images
-
     with torch.random.fork_rng(devices=[]):  # a shuffled (or augmented) loader draws from torch's RNG
         torch.manual_seed(seed)
         x, y = first_images(data, n, split=split)
@@ -204,14 +204,10 @@ class SensitivityTable:
 
     def program_for(self, bits: dict, sparsity: dict):
         """The reference program with each layer's weights pruned to ``sparsity`` and rounded to ``bits``."""
-        from .nna import requantise_weights
-
         return requantise_weights(self.program, weight_bits=bits, sparsity=sparsity)
 
     def damage_of(self, program) -> float:
         """Measured damage (mean KL divergence from the reference) of a whole program on the sensitivity images."""
-        from .nna.engine import accumulator_width
-
         changed = {layer.name: layer for layer in program.weight_layers}
         logits = _logits_from(self.program, changed, self._x, self._values, accumulator_width(self.hardware))
         return _kl(self.reference_logits, logits)
@@ -239,11 +235,6 @@ def measure_sensitivity(model: nn.Module, data, *, bits=None, sparsities=None, a
     Returns:
         A :class:`SensitivityTable`.
     """
-    from .nna import compile_model, layer_costs
-    from .nna.whatif import requantise_weights
-    from .nna.engine import accumulator_width, output_logits
-    from .quant.model import quantise_model
-
     hardware = _hardware(hardware)
     bit_options = _bits_options(bits, hardware)
     sparsity_options = _sparsity_options(sparsities)
@@ -264,8 +255,6 @@ def measure_sensitivity(model: nn.Module, data, *, bits=None, sparsities=None, a
     base = layer_costs(program, hardware)
     names = [layer.name for layer in program.weight_layers]
     fixed = {c: float(base.loc[~base["layer"].isin(names), c].sum()) for c in _COST_COLUMNS}
-
-    from tqdm.auto import tqdm
 
     rows = []
     jobs = [(n, b, s) for n in names for b in bit_options for s in sparsity_options]
@@ -368,8 +357,6 @@ def uniform_settings(table: SensitivityTable, data=None, *, max_test: int | None
         ``latency_us`` (exact totals: sums of the layers' rows and the fixed part)
         and ``accuracy`` when ``data`` is given.
     """
-    from .nna import run
-
     g = table.options.groupby(["bits", "sparsity"], sort=True)
     costs = g[list(_COST_COLUMNS)].sum().reset_index()
     for c in _COST_COLUMNS:
@@ -442,8 +429,6 @@ class PerLayerChoice:
 
 def _file_storage_bytes(program, hardware) -> int:
     """Bytes the saved file spends on the program itself (its size less the header)."""
-    from .nna import save
-
     fd, path = tempfile.mkstemp(suffix=".nna")
     os.close(fd)
     try:
@@ -535,8 +520,6 @@ def pick_per_layer(model: nn.Module, data, *, budget_bytes: float | None = None,
             make, bit-depths the accelerator does not support.
         TypeError: a budget that is not a number, a hardware that is not an NNAConfig.
     """
-    from .nna import headline, report, run
-
     name, value = _budget({"budget_bytes": budget_bytes, "budget_energy_uj": budget_energy_uj,
                            "budget_latency_us": budget_latency_us})
     check_int("retrain_epochs", retrain_epochs, minimum=0)
@@ -600,11 +583,6 @@ def _act_bits(table: SensitivityTable) -> int:
 def _retrain(model, data, bits, share, *, act_bits, hardware, epochs, method, seed, device, x_test, y_test, column,
              factor, limit, name, unit, progress):
     """Core and quantise the float network per layer as chosen, retrain, compile and measure."""
-    from . import prune
-    from .nna import compile_model, headline, report, run
-    from .quant.model import quantise_model
-    from .quant.retraining import retrain
-
     net = _deepcopy(model).cpu().train()
     for layer, s in share.items():
         if s > 0:

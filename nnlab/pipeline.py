@@ -65,14 +65,18 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from . import config, nna, picker, prune, quant
+from ._args import check_positive_int
 from ._preflight import check_compress_arguments
 from .cache import cached, pretrained
 from .data import DataBundle, first_images, load_data, make_loader, random_images
@@ -83,7 +87,7 @@ from .recipes import core_and_distil, pretrained_quantised, pretrained_sparse, t
 from .recipes import restore_sparse as _restore_sparse
 from .recipes import sparse_recipe as _sparse_recipe
 from .regularise import l1_penalty
-from .nna.engine import MAX_ACCUMULATOR_BITS
+from .nna.engine import MAX_ACCUMULATOR_BITS, Result, add_counts
 from .train import accuracy, fit
 
 __all__ = ["STAGES", "MODULE_RECIPE", "NNA_MODE", "SIM_BATCH_SIZE", "SIM_IMAGES_SEED", "CompressionResult", "compress",
@@ -241,8 +245,6 @@ def _l1_branch(teacher, data, sparsity, *, quick, device, seed, verbose):
 
 def weights_hash(model: nn.Module) -> str:
     """SHA-256 of every parameter and buffer of ``model`` (names, dtypes, shapes and bytes)."""
-    import torch
-
     digest = hashlib.sha256()
     for key, value in model.state_dict().items():
         value = value.detach().cpu().contiguous()
@@ -260,8 +262,6 @@ def module_fingerprint(model: nn.Module) -> dict:
 
 def _file_label(label: str) -> str:
     """``label`` as a part of a file name: letters, digits, ``-`` and ``_`` only."""
-    import re
-
     return re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")[:40] or "model"
 
 
@@ -572,12 +572,6 @@ def simulate(program, images, hardware=None, *, batch_size: int = SIM_BATCH_SIZE
     Raises:
         TypeError, ValueError: a bad ``batch_size``, or what :func:`nnlab.nna.run` refuses.
     """
-    import numpy as np
-
-    from . import nna
-    from ._args import check_positive_int
-    from .nna.engine import Result, add_counts
-
     check_positive_int("batch_size", batch_size)
     hardware = nna.SERIES2NX if hardware is None else hardware
     logits, saturations, sum_bits, int16, width = [], {}, {}, {}, hardware.accumulator_bits
@@ -591,9 +585,6 @@ def simulate(program, images, hardware=None, *, batch_size: int = SIM_BATCH_SIZE
 
 def _predictions(model: nn.Module, images, batch_size: int):
     """Top-1 class of each image (NumPy) by a PyTorch model on the CPU, ``batch_size`` images at a time."""
-    import numpy as np
-    import torch
-
     model = model.cpu().eval()
     with torch.no_grad():
         return np.concatenate([model(torch.from_numpy(images[start: start + batch_size])).argmax(1).numpy()

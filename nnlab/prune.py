@@ -32,6 +32,7 @@ from typing import Callable, Iterable, Sequence
 import pandas as pd
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.utils import prune as torch_prune
 
 from ._args import check_choice, check_float, check_int, check_positive_int
@@ -167,8 +168,6 @@ def prunable_layers(model: nn.Module, layers: Iterable[str] | None = None) -> li
 
 def _refuse_parametrized(chosen) -> None:
     """Refuse layers whose weight is parametrized (a quantised model): a torch pruning mask cannot attach there."""
-    from torch.nn.utils import parametrize
-
     for name, m in chosen:
         if parametrize.is_parametrized(m, "weight"):
             chain = ", ".join(type(p).__name__ for p in m.parametrizations.weight)

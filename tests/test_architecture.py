@@ -1,14 +1,17 @@
-"""nnlab's import graph: no cycles, and arrows only point down the layers of ARCHITECTURE.md.
+"""nnlab's import graph: no cycles, arrows only point down the layers of ARCHITECTURE.md, imports at the top.
 
 Every module of ``nnlab`` is parsed with ``ast``; imports at the top of a
 module and inside functions count alike (relative imports resolved).  An
 import that points up is allowed only inside a deprecated alias: a function
-that calls :func:`nnlab.base.warn_moved`.
+that calls :func:`nnlab.base.warn_moved`.  An import inside a function
+must say why it is there, in a comment containing :data:`LAZY_MARKER`.
 """
 
 from __future__ import annotations
 
 import ast
+import io
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -157,6 +160,64 @@ def cycles(graph: dict) -> list:
         if node not in state:
             visit(node, [node])
     return found
+
+
+#: The word a comment must contain on an import made inside a function, or just above it, saying why it is not at
+#: the top of the module (start-up time, an optional extra, a deprecated alias).
+LAZY_MARKER = "lazy"
+
+
+def unexplained_imports(text: str) -> list:
+    """``(line, function)`` of each import inside a function with no comment containing :data:`LAZY_MARKER`.
+
+    The comment may sit on the import's own lines, or above it in the run of imports, comments and blank lines
+    that leads to it within the same function (one comment can explain a block of lazy imports).
+    """
+    tree = ast.parse(text)
+    lines = text.splitlines()
+    comments = {tok.start[0]: tok.string for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+                if tok.type == tokenize.COMMENT}
+    inside = {}  # import node -> the innermost function holding it (ast.walk visits outer functions first)
+    for f in ast.walk(tree):
+        if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            inside.update({n: f for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))})
+    import_lines = {line for n in inside for line in range(n.lineno, n.end_lineno + 1)}
+    bad = []
+    for node, function in inside.items():
+        explained = any(LAZY_MARKER in comments.get(line, "") for line in range(node.lineno, node.end_lineno + 1))
+        line = node.lineno - 1
+        while not explained and line > function.lineno:
+            above = lines[line - 1].strip()
+            if above and not above.startswith("#") and line not in import_lines:
+                break
+            explained = LAZY_MARKER in comments.get(line, "")
+            line -= 1
+        if not explained:
+            bad.append((node.lineno, function.name))
+    return sorted(bad)
+
+
+def test_every_import_inside_a_function_says_why():
+    bad = [f"{p.relative_to(ROOT.parent)}:{line} (in {name})" for p in sorted(ROOT.rglob("*.py"))
+           for line, name in unexplained_imports(p.read_text(encoding="utf-8"))]
+    assert not bad, (f"imports inside functions with no '# {LAZY_MARKER}: why' comment (move them to the top of the "
+                     f"module, or say why they must wait: start-up time, an optional extra, a deprecated alias): "
+                     + ", ".join(bad))
+
+
+def test_the_checker_catches_an_unexplained_import():
+    source = ("import os\n\n"
+              "def plain():\n    import json\n    return json\n\n"
+              "def commented():\n    # lazy: json is slow (for the test)\n    import json\n\n    import csv\n"
+              "    return json, csv\n\n"
+              "def same_line():\n    import json  # lazy: optional\n    return json\n\n"
+              "def after_code():\n    # lazy: explains nothing below the code\n    x = 1\n    import json\n"
+              "    return x, json\n\n"
+              "def other_word():\n    # needed here\n    import json\n    return json\n\n"
+              "def outer():\n    # lazy: outer's comment does not explain inner's import\n    def inner():\n"
+              "        import json\n        return json\n    return inner\n")
+    assert unexplained_imports(source) == [(4, "plain"), (21, "after_code"), (26, "other_word"), (32, "inner")]
+    assert unexplained_imports("import json\n") == []
 
 
 def test_every_module_has_a_layer():

@@ -55,6 +55,8 @@ import importlib
 import sys
 import types
 
+from .._deprecated import warn_renamed
+
 #: Public name -> the submodule that defines it.
 _EXPORTS = {
     "config": ("NNAConfig", "EnergyTable", "SERIES2NX", "FP32_BASELINE", "PRESETS", "PACKINGS", "SPARSE_FORMATS",
@@ -89,8 +91,6 @@ def __getattr__(name):
         return value
     if name in _RENAMED:
         # A deprecated name: warns, naming the new one; not kept, so it warns each time.
-        from .._deprecated import warn_renamed
-
         warn_renamed(__name__, name, _RENAMED[name])
         return __getattr__(_RENAMED[name])
     if name in _SUBMODULES:

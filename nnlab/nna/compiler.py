@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from .. import graph
+from ..quant import ActQuantiser, quantised_weight, weight_quantiser
 from ..quant.tensor import check_finite_parameters
 # PyTorch's int8 import and the what-if re-quantiser lived in this module before it was split by subject: their
 # names (and the private ones tests use) stay importable from here.
@@ -103,8 +104,6 @@ class _Compiler:
 
     def quantiser_after(self, node):
         """The ActQuantiser node reading ``node`` as its only user, with its grid, or (None, None)."""
-        from ..quant import ActQuantiser
-
         users = list(node.users)
         if len(users) != 1 or users[0].op != "call_module":
             return None, None
@@ -171,8 +170,6 @@ class _Compiler:
         self.values[qnode] = (layer.name, grid)
 
     def weight(self, step):
-        from ..quant import quantised_weight, weight_quantiser
-
         op, m = step.head, step.head.module
         in_name, in_grid = self.read(step.inputs[0], op.name)
         grid, value_node = self.out_grid(step, final_ok=True)

@@ -48,6 +48,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
 from .._args import check_choice, check_int
 from . import entropy
@@ -183,8 +184,6 @@ def bit_layout(values, bits, signed: bool = True, policy: str = "dense"):
         (byte for ``"dense"``, 16-bit word for ``"word16"``) and ``offset``
         of its first bit in it; ``attrs["bytes"]`` holds the packed bytes as hex.
     """
-    import pandas as pd
-
     bits, signed = _bits_signed(bits, signed)
     values = np.asarray(values).reshape(-1)
     packed = pack(values, bits, signed, policy)

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import numpy as np
+import pandas as pd
 
 from ..quant.grid import Grid
 from ..quant.spec import QuantSpec
@@ -473,8 +474,6 @@ def describe(program: Program):
         ``"relu6"``, ``"clamp(a, b)"`` or empty), ``in_scale``, ``out_scale``
         and ``multiplier`` (mean of ``in_scale * weight_scale / out_scale``).
     """
-    import pandas as pd
-
     rows = []
     for layer in program.layers:
         out = layer.out_grid

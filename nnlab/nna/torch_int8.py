@@ -34,12 +34,16 @@ import warnings
 import numpy as np
 import torch
 import torch.fx as fx
+from torch.ao.quantization import get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .. import graph
 from .._args import check_choice, check_positive_int
 from ..base import loader_of
+from ..distributed import unwrap
+from ..quant.modules import ActQuantiser
 
 __all__ = ["Int8Model", "FLOWS", "quantise_torch_int8", "fusion_groups", "layer_outputs", "int8_graph",
            "node_labels", "ENGINE_KEY"]
@@ -100,8 +104,6 @@ def _calibrate(model, data, batches):
 
 
 def _check_float(model):
-    from ..quant.modules import ActQuantiser
-
     for name, m in model.named_modules():
         if isinstance(m, ActQuantiser) or parametrize.is_parametrized(m):
             raise ValueError(f"model is already quantised by nnlab (module {name!r} is a {type(m).__name__}); "
@@ -128,11 +130,6 @@ def _eager(model, data, calibration_batches, engine):
 
 
 def _fx(model, data, calibration_batches, engine):
-    from torch.ao.quantization import get_default_qconfig_mapping
-    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
-
-    from ..distributed import unwrap
-
     model = copy.deepcopy(unwrap(model)).cpu().eval()
     example = next(iter(loader_of(data, "train")))[0][:1]
     with warnings.catch_warnings():

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ..prune import effective_weight, prunable_layers
+from ._axes import axes_or_new, finish_accuracy_axes, require_columns
 
 __all__ = ["weights_of", "plot_weight_histograms", "plot_accuracy_vs_sparsity", "plot_sensitivity"]
 
@@ -85,22 +86,14 @@ def plot_accuracy_vs_sparsity(curves: Mapping[str, pd.DataFrame | Mapping], *, d
     Returns:
         The matplotlib Axes.
     """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
+    ax = axes_or_new(ax, (6, 4))
     for label, table in curves.items():
         table = pd.DataFrame(table)
-        for col in ("sparsity", "accuracy"):
-            if col not in table:
-                raise ValueError(f"curves[{label!r}] needs a {col!r} column, has {list(table.columns)}")
+        require_columns(table, ("sparsity", "accuracy"), f"curves[{label!r}]")
         ax.plot(100 * table["sparsity"], table["accuracy"], marker="o", label=label)
     if dense_acc is not None:
         ax.axhline(dense_acc, color="grey", linestyle="--", label=f"dense ({dense_acc:.1f}%)")
-    ax.set_xlabel("sparsity (% of weights that are zero)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return ax
+    return finish_accuracy_axes(ax, "sparsity (% of weights that are zero)", title)
 
 
 def plot_sensitivity(table: pd.DataFrame, *, ax=None, title: str = "Sensitivity of each layer to coring"):
@@ -114,19 +107,11 @@ def plot_sensitivity(table: pd.DataFrame, *, ax=None, title: str = "Sensitivity 
     Returns:
         The matplotlib Axes.
     """
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
-    for col in ("layer", "sparsity", "accuracy"):
-        if col not in table:
-            raise ValueError(f"table needs a {col!r} column, has {list(table.columns)}")
+    ax = axes_or_new(ax, (6, 4))
+    require_columns(table, ("layer", "sparsity", "accuracy"), "table")
     for layer, rows in table.groupby("layer", sort=False):
         label = f"layer {layer}"
         if "type" in rows and "weights" in rows:
             label += f" ({rows['type'].iloc[0]}, {int(rows['weights'].iloc[0]):,} weights)"
         ax.plot(100 * rows["sparsity"], rows["accuracy"], marker="o", label=label)
-    ax.set_xlabel("sparsity of that layer alone (%)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+    return finish_accuracy_axes(ax, "sparsity of that layer alone (%)", title, legend_size=8)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+from ._axes import require_columns
 
 __all__ = ["plot_nna_costs", "plot_weight_codes", "plot_stages", "style_report", "REPORT_FORMATS"]
 
@@ -145,12 +149,7 @@ def plot_stages(stages: pd.DataFrame, x: str = "energy_uj", fig: Figure | None =
     Returns:
         The Figure (log x axis).
     """
-    from matplotlib import colormaps
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
-    for col in ("stage", "accuracy", x):
-        if col not in stages:
-            raise ValueError(f"stages needs a {col!r} column, has {list(stages.columns)}")
+    require_columns(stages, ("stage", "accuracy", x), "stages")
     fig = fig or Figure(figsize=(6.5, 3.6))
     fig.clear()
     ax = fig.subplots()

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
 from ..quant import QuantSpec, grid_levels, weight_quantiser
+from ._axes import axes_or_new, finish_accuracy_axes
 
 __all__ = ["plot_accuracy_vs_bits", "plot_levels", "plot_subset_schedule"]
 
@@ -43,8 +43,7 @@ def plot_accuracy_vs_bits(table: pd.DataFrame, *, fp32_acc: float | None = None,
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"columns {missing} are not in the table; it has {list(table.columns)}")
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax = axes_or_new(ax, (6.5, 3.8))
     bits = np.asarray(table.index, dtype=int)
     for col in columns:
         label, marker, colour = _STYLE.get(col, (col, "o", None))
@@ -53,12 +52,7 @@ def plot_accuracy_vs_bits(table: pd.DataFrame, *, fp32_acc: float | None = None,
         ax.axhline(fp32_acc, ls="--", color="black", lw=1, label=f"float 32 ({fp32_acc:.1f}%)")
     ax.set_xticks(sorted(set(bits)))
     ax.invert_xaxis()  # from many bits (left) to few (right), the direction of the chapter
-    ax.set_xlabel("weight bits")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return ax
+    return finish_accuracy_axes(ax, "weight bits", title, legend_size=8)
 
 
 def plot_levels(source, spec: QuantSpec | None = None, scale=None, zero_point=None, *, channel: int | None = None,
@@ -106,8 +100,7 @@ def plot_levels(source, spec: QuantSpec | None = None, scale=None, zero_point=No
             raise ValueError(f"channel must be in 0..{levels.shape[0] - 1}, got {channel}")
         levels = levels[channel]
         shown = values.movedim(spec.ch_axis, 0)[channel]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    ax = axes_or_new(ax, (6.5, 3.2))
     shown = shown.flatten().numpy()
     lo = min(shown.min(initial=0.0), float(levels.min()))
     hi = max(shown.max(initial=0.0), float(levels.max()))
@@ -137,8 +130,7 @@ def plot_subset_schedule(fractions: Mapping[str, list] | list, *, ax=None):
     """
     if not isinstance(fractions, Mapping):
         fractions = {"quantised fraction": fractions}
-    if ax is None:
-        _, ax = plt.subplots(figsize=(5.5, 3.0))
+    ax = axes_or_new(ax, (5.5, 3.0))
     for label, values in fractions.items():
         values = list(values)
         ax.plot(np.arange(len(values)), values, label=label)

@@ -102,6 +102,7 @@ __all__ = [
 ]
 
 from .._deprecated import warn_renamed  # noqa: E402
+from ..base import warn_moved  # noqa: E402
 from .model import RENAMED as _MODEL_RENAMED  # noqa: E402
 from .modules import RENAMED as _MODULES_RENAMED  # noqa: E402
 from .retraining import RENAMED as _RETRAINING_RENAMED  # noqa: E402
@@ -117,10 +118,8 @@ MOVED_TO_PICKER = ("pick_per_layer", "measure_sensitivity", "solve_budget", "uni
 
 def __getattr__(name: str):
     if name in MOVED_TO_PICKER:
-        from ..base import warn_moved
-
         warn_moved(f"nnlab.quant.{name}", f"nnlab.picker.{name}")
-        from .. import picker  # a deprecated alias: the only import of a module above nnlab.quant
+        from .. import picker  # lazy: a deprecated alias, the only import of a module above nnlab.quant
 
         return getattr(picker, name)
     if name in RENAMED:

@@ -32,6 +32,11 @@ def _frozen(values, dtype) -> np.ndarray:
     return array
 
 
+def _from_spec(name: str, doc: str) -> property:
+    """A read-only property that answers with the grid's ``spec.<name>``."""
+    return property(lambda grid: getattr(grid.spec, name), doc=doc)
+
+
 @dataclass(frozen=True, eq=False)
 class Grid:
     """A quantisation grid: ``spec`` (bits, sign, range), ``scale`` and ``zero_point``.
@@ -96,30 +101,11 @@ class Grid:
         object.__setattr__(self, "zero_point", zero_point)
 
     # ------------------------------------------------------------------ what the spec says
-    @property
-    def bits(self) -> int:
-        """Bit-depth of the integers."""
-        return self.spec.bits
-
-    @property
-    def quant_min(self) -> int:
-        """Smallest integer of the grid."""
-        return self.spec.quant_min
-
-    @property
-    def quant_max(self) -> int:
-        """Largest integer of the grid."""
-        return self.spec.quant_max
-
-    @property
-    def signed(self) -> bool:
-        """Two's-complement integers (True) or unsigned ones."""
-        return self.spec.signed
-
-    @property
-    def per_channel(self) -> bool:
-        """One scale per channel (True) or one for the whole tensor."""
-        return self.spec.per_channel
+    bits = _from_spec("bits", "Bit-depth of the integers (int).")
+    quant_min = _from_spec("quant_min", "Smallest integer of the grid (int).")
+    quant_max = _from_spec("quant_max", "Largest integer of the grid (int).")
+    signed = _from_spec("signed", "Two's-complement integers (True) or unsigned ones.")
+    per_channel = _from_spec("per_channel", "One scale per channel (True) or one for the whole tensor.")
 
     @property
     def channels(self) -> int | None:

@@ -233,7 +233,7 @@ STRUCTURE_VERSION = 2
 
 def pretrained_quantised(*args, **kwargs):
     """Deprecated alias of :func:`nnlab.recipes.pretrained_quantised` (same arguments, same result)."""
-    from ..recipes import pretrained_quantised as recipe  # deprecated alias: the recipe sits above this technique
+    from ..recipes import pretrained_quantised as recipe  # lazy: a deprecated alias; the recipe sits above this technique
 
     warn_moved("nnlab.quant.pretrained_quantised", "nnlab.recipes.pretrained_quantised")
     return recipe(*args, **kwargs)

@@ -92,11 +92,14 @@ class QuantSpec:
     def for_activations(cls, bits: int) -> "QuantSpec":
         """Spec for activations after a ReLU: unsigned, zero point 0, per tensor.
 
+        A ReLU's output is never negative, so the grid ``0 .. 2^bits - 1``
+        covers it from zero: no integer is spent on negative values.
+
         Args:
-            bits: bit-depth (2..16).
+            bits: bit-depth (2..16); the levels are ``0, s, 2s ... (2^bits - 1) s`` for a scale ``s``.
 
         Returns:
-            A QuantSpec.
+            ``QuantSpec(bits, signed=False, symmetric=True, granularity="per_tensor")``.
         """
         return cls(bits=bits, signed=False, symmetric=True, granularity="per_tensor")
 
@@ -104,11 +107,14 @@ class QuantSpec:
     def for_inputs(cls, bits: int) -> "QuantSpec":
         """Spec for the network input (a normalised image is signed): unsigned with a zero point.
 
+        The zero point shifts the unsigned grid so that it covers the
+        image's negative values too.
+
         Args:
             bits: bit-depth (2..16).
 
         Returns:
-            A QuantSpec.
+            ``QuantSpec(bits, signed=False, symmetric=False, granularity="per_tensor")``.
         """
         return cls(bits=bits, signed=False, symmetric=False, granularity="per_tensor")
 

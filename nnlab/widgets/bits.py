@@ -9,13 +9,10 @@ theirs: well under a second on one core for LeNet-5.
 
 from __future__ import annotations
 
-import io
 import time
 
 import ipywidgets as widgets
-import numpy as np
 import torch
-from IPython.display import display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
@@ -24,6 +21,8 @@ from .._args import check_choice, check_int, check_positive_int
 from ..quant import MAX_BITS, MIN_BITS, GRANULARITIES, ActQuantiser, quantise_model, weight_layers
 from ..data import first_images
 from ..base import loader_of, resolve_device
+from ..plots.reduction import plot_levels
+from ._explorer import Explorer
 from ._shown import readout, shown_html
 
 __all__ = ["BitExplorer", "bit_explorer"]
@@ -31,7 +30,7 @@ __all__ = ["BitExplorer", "bit_explorer"]
 SAME = "same as all"
 
 
-class BitExplorer:
+class BitExplorer(Explorer):
     """Interactive post-training quantisation of a trained network.
 
     Widgets: ``weight_bits`` and ``act_bits`` (sliders, 2 to 16),
@@ -212,8 +211,6 @@ class BitExplorer:
                            f"activations entering it have no grid to draw")
 
     def _draw(self, layer, result, act_bits):
-        from ..plots.reduction import plot_levels
-
         self.ax.clear()
         bits = result["bits"][layer]
         plot_levels(self.quantised.get_submodule(layer), ax=self.ax, bins=self.bins)
@@ -227,18 +224,11 @@ class BitExplorer:
                               f"distinct values", fontsize=9)
         self.act_ax.set_xlabel("activation value (red: quantisation levels)")
         self.act_ax.set_ylabel("count (log scale)")
-        png = io.BytesIO()
-        self.figure.savefig(png, format="png")  # rendered here, so the timing includes the drawing
-        self.image.value = png.getvalue()
+        self._show_figure(self.figure)
         per_layer = ", ".join(f"{n}: {b}" for n, b in result["bits"].items())
         self.label.value = (f"<b>test accuracy</b> {result['accuracy']:.1f}% (no retraining) &nbsp; "
                             f"<b>activation bits</b> {act_bits} &nbsp; <b>weight bits per layer</b> {per_layer}"
                             + shown_html(self.shown))
-
-    def _ipython_display_(self):
-        if not self.result:
-            self.update()
-        display(self.widget)
 
 
 def bit_explorer(model: nn.Module, data, **kwargs) -> BitExplorer:

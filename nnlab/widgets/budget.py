@@ -14,18 +14,17 @@ uniform settings, the budget and the choice.
 from __future__ import annotations
 
 import html
-import io
 import time
 
 import ipywidgets as widgets
 import numpy as np
-from IPython.display import display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
 from .._args import check_choice, check_positive_int
 from ..picker import BUDGETS, SensitivityTable, measure_sensitivity, pick_per_layer, uniform_settings
+from ._explorer import Explorer
 
 __all__ = ["BudgetExplorer", "budget_explorer"]
 
@@ -33,7 +32,7 @@ _LABELS = {"budget_bytes": "storage (bytes)", "budget_energy_uj": "energy per in
            "budget_latency_us": "latency per inference (µs)"}
 
 
-class BudgetExplorer:
+class BudgetExplorer(Explorer):
     """A budget slider over :func:`nnlab.picker.pick_per_layer`.
 
     Args:
@@ -157,14 +156,7 @@ class BudgetExplorer:
         ax_pareto.set_ylabel("test accuracy (%)")
         ax_pareto.legend(fontsize=8, loc="lower right")
         fig.tight_layout()
-        png = io.BytesIO()
-        fig.savefig(png, format="png")
-        self.image.value = png.getvalue()
-
-    def _ipython_display_(self):
-        if not self.result:
-            self.update()
-        display(self.widget)
+        self._show_figure(fig)
 
 
 def budget_explorer(model: nn.Module, data, **kwargs) -> BudgetExplorer:

@@ -14,13 +14,11 @@ The explorer works on its own copy of the model; the model passed in is not chan
 from __future__ import annotations
 
 import copy
-import io
 import time
 
 import ipywidgets as widgets
 import numpy as np
 import torch
-from IPython.display import display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
@@ -29,6 +27,7 @@ from .._args import check_choice, check_float, check_positive_int
 from ..prune import SCOPES, effective_weight, make_permanent, prunable_layers
 from ..base import resolve_device
 from ..data import first_images
+from ._explorer import Explorer
 from ._shown import shown_html
 
 __all__ = ["CoringExplorer", "coring_explorer"]
@@ -45,7 +44,7 @@ def _ranks(values: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-class CoringExplorer:
+class CoringExplorer(Explorer):
     """Interactive coring of a trained network, without retraining.
 
     Widgets: ``mode`` (fraction or threshold), ``value`` (the slider),
@@ -246,16 +245,9 @@ class CoringExplorer:
             bar.set_height(c)
         self.ax.set_ylim(0, max(1, counts.max()) * 1.05)
         self.ax.set_title(f"{layer}: {result['layer_sparsity']:.1%} of the weights are zero", fontsize=10)
-        png = io.BytesIO()
-        self.figure.savefig(png, format="png")  # rendered here, so the timing includes the drawing
-        self.image.value = png.getvalue()
+        self._show_figure(self.figure)
         self.label.value = (f"<b>sparsity</b> {result['sparsity']:.1%} of all weights &nbsp; "
                             f"<b>test accuracy</b> {result['accuracy']:.1f}% (no retraining)" + shown_html(self.shown))
-
-    def _ipython_display_(self):
-        if not self.result:
-            self.update()
-        display(self.widget)
 
 
 def coring_explorer(model: nn.Module, data, **kwargs) -> CoringExplorer:

@@ -12,12 +12,10 @@ the weights only once.
 
 from __future__ import annotations
 
-import io
 import time
 
 import ipywidgets as widgets
 import numpy as np
-from IPython.display import display
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -25,12 +23,13 @@ from .._args import check_positive_int
 from ..nna import SERIES2NX, NNAConfig, Program, headline, report, requantise_weights, run
 from ..plots.nna import plot_nna_costs
 from ..data import first_images
+from ._explorer import Explorer
 from ._shown import readout, shown_html
 
 __all__ = ["NNAExplorer", "nna_explorer"]
 
 
-class NNAExplorer:
+class NNAExplorer(Explorer):
     """Per-layer weight bit-depth and sparsity sliders over a compiled program.
 
     Call :meth:`update` to apply settings from code: it moves the sliders to
@@ -120,9 +119,7 @@ class NNAExplorer:
                                                              "energy_ratio", "latency_us")}}
         if draw:
             plot_nna_costs(table, self.figure)
-            png = io.BytesIO()
-            self.figure.savefig(png, format="png")  # rendered here, so the timing includes the drawing
-            self.image.value = png.getvalue()
+            self._show_figure(self.figure)
             self.label.value = (f"<b>accuracy</b> {accuracy:.1f}% (no retraining) &nbsp; <b>storage</b> "
                                 f"{s['storage_bytes']:,} B ({s['compression']:.1f}x smaller than fp32) &nbsp; "
                                 f"<b>energy</b> {s['energy_uj']:.2f} µJ ({s['energy_ratio']:.1f}x less) &nbsp; "
@@ -130,11 +127,6 @@ class NNAExplorer:
         result["seconds"] = self.last_seconds = time.perf_counter() - start
         self.result = result
         return result
-
-    def _ipython_display_(self):
-        if not self.result:
-            self.update()
-        display(self.widget)
 
 
 def nna_explorer(program: Program, data, config: NNAConfig = SERIES2NX, **kwargs) -> NNAExplorer:
