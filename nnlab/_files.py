@@ -79,12 +79,14 @@ def remove_stale_temporaries(directory: str | os.PathLike, max_age: float = STAL
     return removed
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
+def atomic_write(path: str | os.PathLike, data) -> Path:
     """Write ``data`` to ``path`` through a temporary file and a rename, with the usual permissions.
 
     Args:
         path: final file name; its directory is created if missing.
-        data: ``bytes``, or ``str`` (written as UTF-8).
+        data: ``bytes``, ``str`` (written as UTF-8), or a list or tuple of
+            bytes-like pieces written one after the other (so that a large
+            file need not be joined into one more copy in memory first).
 
     Returns:
         ``path`` as a Path.
@@ -96,12 +98,14 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
     if isinstance(data, str):
         data = data.encode("utf-8")
+    pieces = list(data) if isinstance(data, (list, tuple)) else [data]
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in pieces:
+                f.write(piece)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())

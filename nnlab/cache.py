@@ -117,9 +117,15 @@ def write_entry(path: str | os.PathLike, key: str, key_fields: dict, payload) ->
     """
     # The header names the key fields "spec", as every file written so far does.
     header = json.dumps({"format": FORMAT, "key": key, "spec": key_fields}, sort_keys=True, default=str).encode()
-    body = header + b"\n" + _serialise(payload)
-    digest = hashlib.sha256(body).hexdigest().encode()
-    atomic_write(path, MAGIC + b"sha256 " + digest + b"\n" + body)
+    # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    with buffer.getbuffer() as blob:  # the saved bytes, hashed and written without another copy
+        digest = hashlib.sha256(header + b"\n")
+        digest.update(blob)
+        atomic_write(path, [MAGIC, b"sha256 " + digest.hexdigest().encode() + b"\n", header, b"\n", blob])
 
 
 def read_entry(path: str | os.PathLike, key: str | None = None):
@@ -142,13 +148,19 @@ def read_entry(path: str | os.PathLike, key: str | None = None):
     if not blob.startswith(MAGIC):
         kind = "an older nnlab format" if blob.startswith(b"PK") else "not an nnlab cache file"
         raise CacheEntryError(f"unknown header: {kind}")
-    rest = blob[len(MAGIC):]
-    line, _, body = rest.partition(b"\n")
+    # Positions, not slices: a slice of the file's bytes is a copy, and a ResNet's entry is 100 MB.
+    end_line = blob.find(b"\n", len(MAGIC))
+    line = blob[len(MAGIC):end_line] if end_line >= 0 else blob[len(MAGIC):]
     if not line.startswith(b"sha256 ") or len(line) != len(b"sha256 ") + 64:
         raise CacheEntryError("unknown header: no checksum line")
+    view = memoryview(blob)
+    body = view[end_line + 1:]
     if hashlib.sha256(body).hexdigest().encode() != line[len(b"sha256 "):]:
         raise CacheEntryError("checksum mismatch: the file is damaged or was changed after it was written")
-    head, _, payload = body.partition(b"\n")
+    end_head = blob.find(b"\n", end_line + 1)
+    if end_head < 0:
+        end_head = len(blob)
+    head, payload = blob[end_line + 1:end_head], view[end_head + 1:]
     try:
         header = json.loads(head)
     except ValueError:

@@ -78,6 +78,7 @@ from torch import nn
 from . import config, nna, picker, prune, quant
 from ._args import check_positive_int
 from ._preflight import check_compress_arguments
+from .base import release_memory
 from .cache import cached, pretrained
 from .data import DataBundle, first_images, load_data, make_loader, random_images
 from .distill import distill
@@ -265,10 +266,17 @@ def _file_label(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]+", "-", label).strip("-")[:40] or "model"
 
 
+def _copy_without_gradients(module: nn.Module) -> nn.Module:
+    """A CPU copy of ``module`` without the gradients its last training step left (a network's worth of memory)."""
+    net = copy.deepcopy(module).cpu()
+    net.zero_grad(set_to_none=True)
+    return net
+
+
 def _module_baseline(module, data, *, train, label, quick, device, seed, verbose):
     """Stage 1 of an ``nn.Module``: trained with :data:`MODULE_RECIPE` from its weights (cached), or as given."""
     if not train:
-        net = copy.deepcopy(module).cpu().eval()
+        net = _copy_without_gradients(module).eval()
         net.nnlab_metrics = {"top1": accuracy(net, data), "trained": False}
         return net
     recipe = MODULE_RECIPE
@@ -289,7 +297,7 @@ def _module_baseline(module, data, *, train, label, quick, device, seed, verbose
             "top1": accuracy(net, data), "train_seconds": float(history["seconds"].sum()), "epochs": epochs}}
 
     def restore(payload):
-        net = copy.deepcopy(module).cpu()
+        net = _copy_without_gradients(module)
         net.load_state_dict(payload["state_dict"])
         return net
 
@@ -470,6 +478,7 @@ def compress(
     float_figures = {}
 
     def add(stage, net, *, float_model, bits=(None, None)):
+        release_memory()  # what building this stage dropped: a ResNet-18 copy is 45 MB
         if float_model:  # the fp32 accelerator's costs depend only on the architecture: cost it once
             if not float_figures:
                 float_figures.update(stage_costs(net.cpu(), data, hardware, float_model=True)[0])
@@ -480,6 +489,8 @@ def compress(
                      "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures, "test_images": test_size})
         if keep_models or stage == "retrained low-bit":
             models[stage] = net
+        del net
+        release_memory()
         return program, table
 
     steps = dict(label=name, quick=quick, device=dev, seed=seed, verbose=verbose)
@@ -518,6 +529,7 @@ def compress(
     else:
         images, labels = random_images(data, sim_images, seed=SIM_IMAGES_SEED)
     images, labels = images.numpy(), labels.numpy()
+    release_memory()
     simulated = simulate(program, images, hardware, batch_size=sim_batch_size)
     nna_acc = 100.0 * float((simulated.predictions == labels).mean())
     agreement = 100.0 * float((simulated.predictions == _predictions(retrained, images, sim_batch_size)).mean())

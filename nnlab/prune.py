@@ -276,23 +276,27 @@ def core_by_fraction(model: nn.Module, fraction: float, *, scope: str = "global"
         for _, m in chosen:
             FractionCoring.apply(m, "weight", fraction=fraction)
         return model
-    # Global: rank all weights together; already-pruned weights rank first.
-    scores, masks = [], []
-    for _, m in chosen:
-        mask = _mask_or_ones(m)
-        s = effective_weight(m).abs().flatten().clone()
-        s[mask.flatten() == 0] = -1.0
-        scores.append(s)
-        masks.append(mask)
-    flat = torch.cat(scores)
-    k = round(fraction * flat.numel())
-    keep = torch.ones_like(flat)
-    if k > 0:
-        keep[torch.topk(flat, k=k, largest=False).indices] = 0
+    # Global: rank all weights together; already-pruned weights rank first.  One flat tensor of scores and a
+    # boolean mask of what stays: ResNet-sized networks hold tens of millions of weights, so no per-layer copies.
+    sizes = [m.weight.numel() for _, m in chosen]
+    scores = torch.empty(sum(sizes), dtype=chosen[0][1].weight.dtype, device=chosen[0][1].weight.device)
     start = 0
-    for (_, m), mask in zip(chosen, masks):
-        n = mask.numel()
-        torch_prune.custom_from_mask(m, "weight", keep[start:start + n].view_as(mask))
+    for (_, m), n in zip(chosen, sizes):
+        part = scores[start:start + n]
+        torch.abs(effective_weight(m).flatten(), out=part)
+        if is_pruned(m):
+            part[m.weight_mask.detach().flatten() == 0] = -1.0
+        start += n
+    k = round(fraction * scores.numel())
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        drop = torch.topk(scores, k=k, largest=False).indices  # the ranking torch's global_unstructured uses
+        del scores
+        keep[drop] = False
+        del drop
+    start = 0
+    for (_, m), n in zip(chosen, sizes):
+        torch_prune.custom_from_mask(m, "weight", keep[start:start + n].view_as(m.weight))
         start += n
     return model
 

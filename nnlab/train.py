@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._args import check_choice, check_float, check_int, check_positive_int
-from .base import loader_of, resolve_device
+from .base import loader_of, release_memory, resolve_device
 from .distributed import broadcast_norm_statistics
 
 __all__ = ["resolve_device", "seed_everything", "fit", "evaluate", "accuracy", "Callback", "time_training_steps"]
@@ -135,6 +135,10 @@ def fit(
     Returns:
         pandas DataFrame with columns ``epoch``, ``loss``, ``train_acc``,
         ``seconds`` (and ``test_acc`` when ``eval_data`` is given).
+
+    The model comes back in evaluation mode and without the gradients of the
+    last step (``.grad`` is None: a network's worth of memory that nothing
+    reads; a callback's ``on_step_end`` still sees them).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,6 +213,9 @@ def fit(
         # DDP sends rank 0's buffers before each forward pass, so the last step left each rank
         # with its own batch-norm statistics: end the run with the same ones everywhere.
         broadcast_norm_statistics(model)
+    opt.zero_grad(set_to_none=True)
+    opt = sched = logits = loss = None  # the optimiser's state, the last gradients and batch: hand their memory back
+    release_memory()
     return pd.DataFrame(history)
 
 

@@ -207,13 +207,33 @@ def test_random_subset_quantises_a_growing_subset(redraw):
     assert torch.equal(lin.weight, full)  # evaluation quantises every weight
 
 
+def test_random_subset_gradient_is_straight_through_on_the_subset_and_plain_elsewhere():
+    torch.manual_seed(0)
+    q = quant.attach_quantisers(nn.Sequential(nn.Linear(30, 20)), 3, None, inplace=True)
+    lin, wq = q[0], quant.weight_quantiser(q[0])
+    w = lin.parametrizations.weight.original
+    q.train()
+    wq.set_subset(0.5, redraw=True)
+    g = torch.randn(20, 30)
+    (lin.weight * g).sum().backward()
+    inside = wq.priority < 0.5
+    wd = w.detach().clone().requires_grad_(True)
+    expected = torch.where(inside, quant.fake_quantise(wd, wq.spec, wq.scale, wq.zero_point), wd)
+    (expected * g).sum().backward()
+    assert 0 < inside.sum() < inside.numel()
+    assert torch.equal(lin.weight, expected)
+    assert torch.equal(w.grad, wd.grad)  # g outside the subset, g times the clamp mask inside
+
+
 def test_retraining_recovers_accuracy_at_two_bits(medium_data, trained):
     ptq = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
     acc_ptq = accuracy(ptq, medium_data)
     accs = {}
     for method in ("ste", "random_subset"):
         q = quant.quantise_model(trained, medium_data, 2, 8, granularity="per_tensor")
-        history = quant.retrain(q, medium_data, 3, method=method, lr=0.05, progress=False)
+        # lr 0.01: at 0.05 two-bit retraining diverges on some seeds and thread counts (it fell below PTQ on one
+        # thread); at 0.01 the random subset gained 16-25 points over PTQ for seeds 0-2 on one and two threads.
+        history = quant.retrain(q, medium_data, 3, method=method, lr=0.01, progress=False)
         accs[method] = accuracy(q, medium_data)
         if method == "random_subset":
             fractions = history.attrs["subset"].history

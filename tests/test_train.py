@@ -120,3 +120,16 @@ def test_time_training_steps_rejects_bad_arguments():
         time_training_steps({"a": LeNet5()}, batch, rounds=0)
     with pytest.raises(ValueError, match="models must name at least one model"):
         time_training_steps({}, batch)
+
+
+def test_fit_returns_the_network_without_the_last_gradients(small_data):
+    seen = []
+
+    class Last(Callback):
+        def on_step_end(self, step, total, model):
+            seen.append(all(p.grad is not None for p in model.parameters()))
+
+    net = LeNet5()
+    fit(net, small_data, 1, progress=False, callbacks=[Last()])
+    assert seen and all(seen)  # the callbacks saw every step's gradients
+    assert all(p.grad is None for p in net.parameters())

@@ -151,6 +151,7 @@ class WeightQuantiser(_LearnedScale, nn.Module):
         # below `fraction` are the quantised subset.  Growing `fraction` with a fixed
         # priority grows the subset (old members stay); redrawing gives a new subset.
         self.register_buffer("priority", None, persistent=False)
+        self.register_buffer("subset_mask", None, persistent=False)  # 1.0 where priority < fraction
         self.track = False
         self.fraction = None
 
@@ -204,6 +205,18 @@ class WeightQuantiser(_LearnedScale, nn.Module):
         if redraw or self.priority is None:
             where = generator.device if generator is not None else "cpu"
             self.priority = torch.rand(self.shape, generator=generator, device=where).to(self.scale.device)
+        # The subset as a 0/1 mask in the weights' dtype: forward mixes with one fused lerp (exact for 0 and 1,
+        # and a third of the time of torch.where with its backward on a CPU).
+        self.subset_mask = (self.priority < self.fraction).to(self.scale.dtype)
+
+    def _mix_subset(self, wq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``wq`` on the random subset and ``w`` elsewhere, while training with a subset; ``wq`` otherwise."""
+        if not (self.training and self.fraction is not None and self.fraction < 1.0):
+            return wq
+        mask = self.subset_mask
+        if mask.dtype != w.dtype or mask.device != w.device:
+            mask = mask.to(device=w.device, dtype=w.dtype)
+        return torch.lerp(w, wq, mask)
 
     def learn_scale(self, weight: torch.Tensor, init: str = "lsq") -> None:
         """Make the step a learned parameter (LSQ, see :mod:`nnlab.quant.lsq`).
@@ -235,9 +248,7 @@ class WeightQuantiser(_LearnedScale, nn.Module):
         if self.learning:
             wq = fake_quantise_learned(w, self.spec, self._learned_scale(), self.zero_point, self.grad_factor,
                                        name=self.label)
-            if self.training and self.fraction is not None and self.fraction < 1.0:
-                wq = torch.where(self.priority < self.fraction, wq, w)
-            return wq
+            return self._mix_subset(wq, w)
         if self.training and self.track:
             self.follow(w)
         # The scale follows w while tracking (finite for a finite w, which is checked); otherwise it is checked
@@ -246,9 +257,7 @@ class WeightQuantiser(_LearnedScale, nn.Module):
         wq = _fake_quantise(w, self.spec, self.scale, self.zero_point, self.label, check_scale)
         if check_scale:
             self._checked = _stamp(self.scale)
-        if self.training and self.fraction is not None and self.fraction < 1.0:
-            wq = torch.where(self.priority < self.fraction, wq, w)
-        return wq
+        return self._mix_subset(wq, w)
 
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """The int32 grid integers of ``w`` (what the accelerator stores)."""
