@@ -43,7 +43,7 @@ lab: $(STAMP)
 test: $(STAMP)
 	NNLAB_QUICK=1 $(BIN)/python -m pytest --nbval-lax --nbval-current-env tests notebooks
 
-BENCHES := elimination reduction nna cli_startup finite_checks onnx_export
+BENCHES := elimination reduction nna cli_startup compress_cold finite_checks onnx_export
 
 bench: $(STAMP)
 	@mkdir -p build/bench

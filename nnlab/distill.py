@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._args import check_float, check_positive_int
+from ._args import check_bool, check_float, check_positive_int
 from .prune import iterative_coring
 from .base import loader_of, resolve_device, warn_moved
 from .train import fit
@@ -175,6 +175,7 @@ def prune_and_distill(
     scope: str = RECIPE["scope"],
     layers: Iterable[str] | None = None,
     eval_data=None,
+    evaluate: bool = True,
     device="cpu",
     seed: int = 0,
     progress: bool = True,
@@ -198,6 +199,9 @@ def prune_and_distill(
         scope: ``"global"`` or ``"layer"`` fraction coring.
         layers: layers to core (default every Conv2d/Linear).
         eval_data: where to measure accuracy (default ``data``'s test set).
+        evaluate: measure the accuracies after each coring and each
+            distillation (False: the history holds only ``step`` and
+            ``sparsity``, and the test set is not run twice per step).
         device: where to train.
         seed: training seed (step k uses ``seed + k``).
         progress: show progress bars.
@@ -208,6 +212,7 @@ def prune_and_distill(
         (after coring), ``acc_retrained`` (after distillation), percent.
     """
     epochs_per_step = check_positive_int("epochs_per_step", epochs_per_step)
+    evaluate = check_bool("evaluate", evaluate)
     T, alpha = _check_T_alpha(T, alpha)
     counter = {"k": 0}
 
@@ -216,7 +221,10 @@ def prune_and_distill(
         distill(m, teacher, data, epochs_per_step, T=T, alpha=alpha, lr=lr, device=device,
                 seed=seed + counter["k"], progress=progress, desc=f"distill step {counter['k']}", **fit_kwargs)
 
-    eval_data = data if eval_data is None else eval_data
+    if not evaluate:
+        eval_data = None
+    elif eval_data is None:
+        eval_data = data
     return iterative_coring(model, retrain, target=target, steps=steps, sparsities=sparsities, scope=scope,
                             layers=layers, eval_data=eval_data, device=device)
 

@@ -216,7 +216,9 @@ def stage_costs(model: nn.Module, data, hardware=None, *, float_model: bool = Fa
 
 def _core_and_distil(student, teacher, data, sparsity, recipe, *, device, seed, verbose) -> dict:
     """Core ``student`` to ``sparsity`` with distillation from ``teacher``; the cache payload of the result."""
-    core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose)
+    # compress measures every stage itself: no accuracies per coring step (two passes over the test set each)
+    core_and_distil(student, teacher, data, sparsity, recipe, device=device, seed=seed, verbose=verbose,
+                    evaluate=False)
     return {"state_dict": student.state_dict(), "metrics": {"top1": accuracy(student, data)}}
 
 
@@ -329,10 +331,18 @@ def _module_sparse(teacher, data, sparsity, *, label, quick, device, seed, verbo
     return restore(payload).eval()
 
 
-def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, quick, device, seed, verbose):
-    """Stage 6 of an ``nn.Module``: stage 3 quantised and retrained as the registered models are (cached)."""
+def _module_retrained(start, fingerprint, file_label, data, weight_bits, act_bits, method, *, label, quick, device,
+                      seed, verbose):
+    """Stage 6 of an ``nn.Module``: the PTQ network ``start`` retrained as the registered models are (cached).
+
+    ``start`` is :func:`nnlab.quant.quantise_model` of stage 3 (``fingerprint``
+    is stage 3's :func:`module_fingerprint`, ``file_label`` its class name).  It is retrained in place on a
+    cache miss, and the cached weights are loaded into it on a hit: either way
+    it is the network returned, so no other copy of the network is alive
+    while it trains (a ResNet-18 copy with its pruning masks is 135 MB).
+    """
     epochs, lr = MODULE_RETRAIN["epochs"][1 if quick else 0], MODULE_RETRAIN["lr"]
-    key_fields = {"student": module_fingerprint(sparse), "data": data.fingerprint, "weight_bits": weight_bits,
+    key_fields = {"student": fingerprint, "data": data.fingerprint, "weight_bits": weight_bits,
             "act_bits": act_bits, "method": method, "epochs": epochs, "lr": lr, "seed": seed,
             "structure": quant.retraining.STRUCTURE_VERSION}
 
@@ -340,19 +350,15 @@ def _module_retrained(sparse, data, weight_bits, act_bits, method, *, label, qui
         if verbose:
             print(f"Quantising {label} to {weight_bits}-bit weights / {act_bits}-bit activations ({method}; "
                   f"done once, then cached) ...")
-        qmodel = quant.quantise_model(sparse, data, weight_bits, act_bits)
-        quant.retrain(qmodel, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
-        qmodel.to("cpu")
-        return {"state_dict": qmodel.state_dict(), "metrics": {"top1": accuracy(qmodel, data)}}
+        quant.retrain(start, data, epochs, method=method, lr=lr, seed=seed, device=device, progress=verbose)
+        start.to("cpu")
+        return {"state_dict": start.state_dict(), "metrics": {"top1": accuracy(start, data)}}
 
     def restore(payload):
-        net = quant.attach_quantisers(sparse, weight_bits, act_bits)
-        for a in quant.act_quantisers(net).values():
-            a.calibrating = False
-        net.load_state_dict(payload["state_dict"])
-        return net
+        start.load_state_dict(payload["state_dict"])
+        return start
 
-    name = f"{_file_label(type(sparse).__name__)}-w{weight_bits}a{act_bits}-{method}"
+    name = f"{_file_label(file_label)}-w{weight_bits}a{act_bits}-{method}"
     payload = cached(name, key_fields, build, validate=restore, verbose=verbose)
     return restore(payload).eval()
 
@@ -513,15 +519,22 @@ def compress(
     teacher = baseline if budget is not None else None  # the budget picker starts from the baseline
     if not keep_models:
         del baseline
-    add("PTQ", quant.quantise_model(sparse, data, weight_bits, act_bits), float_model=False,
-        bits=(weight_bits, act_bits))
+    ptq = quant.quantise_model(sparse, data, weight_bits, act_bits)
+    add("PTQ", ptq, float_model=False, bits=(weight_bits, act_bits))
     if registered:
+        del ptq
         retrained = pretrained_quantised(model, weight_bits, act_bits, method=method, sparsity=sparsity,
                                                data=data, device=dev, seed=seed, quick=quick,
                                                verbose=verbose).cpu()
+        del sparse
     else:
-        retrained = _module_retrained(sparse, data, weight_bits, act_bits, method, **steps).cpu()
-    del sparse
+        fingerprint, file_label = module_fingerprint(sparse), type(sparse).__name__
+        del sparse  # the PTQ network is retrained in place: stage 3 is no longer needed
+        to_retrain = copy.deepcopy(ptq) if keep_models else ptq  # keep the PTQ row's network as it was measured
+        del ptq
+        retrained = _module_retrained(to_retrain, fingerprint, file_label, data, weight_bits, act_bits, method,
+                                      **steps).cpu()
+        del to_retrain
     program, table = add("retrained low-bit", retrained, float_model=False, bits=(weight_bits, act_bits))
 
     if sim_images is None:

@@ -247,6 +247,22 @@ def core_by_threshold(model: nn.Module, threshold, *, scope: str = "global",
     return model
 
 
+def _keep_all_but_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """A boolean mask that is False on exactly the ``k`` smallest ``scores`` (ties at the cut: the first ones).
+
+    A selection (``kthvalue``) and comparisons: the same weights as
+    ``torch.topk(scores, k, largest=False)`` (what ``torch.nn.utils.prune``
+    ranks with) wherever the k-th smallest score is not tied, at a fraction of
+    topk's time and memory on a ResNet's 11 million weights.
+    """
+    cut = torch.kthvalue(scores.cpu() if scores.device.type == "mps" else scores, k).values.to(scores.device)
+    keep = scores > cut
+    tied = torch.nonzero(scores == cut).flatten()
+    below = int((scores < cut).sum())
+    keep[tied[k - below:]] = True  # of the scores equal to the cut, prune only as many as k still needs
+    return keep
+
+
 def core_by_fraction(model: nn.Module, fraction: float, *, scope: str = "global",
                      layers: Iterable[str] | None = None) -> nn.Module:
     """Fraction coring: the smallest ``fraction`` of the weights (by magnitude) becomes zero.
@@ -288,12 +304,11 @@ def core_by_fraction(model: nn.Module, fraction: float, *, scope: str = "global"
             part[m.weight_mask.detach().flatten() == 0] = -1.0
         start += n
     k = round(fraction * scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if k > 0:
-        drop = torch.topk(scores, k=k, largest=False).indices  # the ranking torch's global_unstructured uses
-        del scores
-        keep[drop] = False
-        del drop
+        keep = _keep_all_but_smallest(scores, k)
+    else:
+        keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    del scores
     start = 0
     for (_, m), n in zip(chosen, sizes):
         torch_prune.custom_from_mask(m, "weight", keep[start:start + n].view_as(m.weight))

@@ -82,14 +82,16 @@ def sparse_recipe(quick: bool) -> dict:
 
 
 def core_and_distil(student: nn.Module, teacher: nn.Module, data, sparsity: float, recipe: dict, *, device, seed: int,
-                    verbose: bool):
+                    verbose: bool, evaluate: bool = True):
     """Core ``student`` to ``sparsity`` with distillation from ``teacher`` as ``recipe`` says; returns the history.
 
-    ``student`` is changed in place and left on the CPU.
+    ``student`` is changed in place and left on the CPU.  ``evaluate=False``
+    skips the accuracies of each step (see :func:`nnlab.distill.prune_and_distill`).
     """
     history = prune_and_distill(student, teacher, data, target=sparsity, steps=recipe["steps"],
                                 epochs_per_step=recipe["epochs_per_step"], T=recipe["T"], alpha=recipe["alpha"],
-                                lr=recipe["lr"], scope=recipe["scope"], device=device, seed=seed, progress=verbose)
+                                lr=recipe["lr"], scope=recipe["scope"], evaluate=evaluate, device=device, seed=seed,
+                                progress=verbose)
     student.to("cpu")
     return history
 

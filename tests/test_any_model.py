@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -268,6 +269,17 @@ def test_a_module_goes_through_every_stage(module_run):
     assert abs(by.loc["NNA (integer)", "accuracy"] - by.loc["retrained low-bit", "accuracy"]) < 1.0, by
     # The residual add of the module's own forward is in the program the simulator ran.
     assert any(type(layer).__name__ == "AddLayer" for layer in result.program.layers)
+
+
+def test_a_second_lean_run_gives_the_same_table(module_run, nets):
+    """From the cache, with keep_models=False (the PTQ network takes the retrained weights), the same figures."""
+    result = module_run[0]
+    again = pipeline.compress(from_factory(f"{nets}:make_net"), sparsity=0.5, weight_bits=8, act_bits=8, quick=True,
+                              l1=False, verbose=False, keep_models=False)
+    columns = ["stage", "accuracy", "sparsity", "storage_bytes", "energy_uj"]
+    pd.testing.assert_frame_equal(result.stages[columns], again.stages[columns])
+    assert list(again.models) == ["retrained low-bit", "NNA (integer)"]
+    assert again.agreement == result.agreement
 
 
 def test_the_integer_stage_runs_the_integer_requantisation_mode(module_run):

@@ -103,3 +103,15 @@ def test_pretrained_sparse_is_cached_with_masks(tmp_path, monkeypatch):
     assert second.nnlab_metrics["top1"] == first.nnlab_metrics["top1"]
     with pytest.raises(ValueError, match="sparsity"):
         D.pretrained_sparse("lenet5", 1.0, data=data, quick=True, verbose=False)
+
+
+def test_prune_and_distill_without_evaluation_trains_the_same_network(small_data):
+    torch.manual_seed(0)
+    teacher = LeNet5().eval()
+    a, b = copy.deepcopy(teacher), copy.deepcopy(teacher)
+    full = D.prune_and_distill(a, teacher, small_data, target=0.5, steps=2, epochs_per_step=1, progress=False)
+    bare = D.prune_and_distill(b, teacher, small_data, target=0.5, steps=2, epochs_per_step=1, progress=False,
+                               evaluate=False)
+    assert {"acc_pruned", "acc_retrained"} <= set(full.columns)
+    assert list(bare.columns) == ["step", "sparsity"]
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
