@@ -49,3 +49,31 @@ def test_cgroup_quota_caps_threads(monkeypatch):
 def test_about():
     info = nnlab.about()
     assert info["nnlab"] == nnlab.__version__ and info["threads"] >= 1
+
+
+def test_release_memory_collects_cycles_with_or_without_malloc_trim(monkeypatch):
+    import gc
+    import platform
+    import weakref
+
+    from nnlab import base
+
+    class Node:
+        pass
+
+    original = base._malloc_trim
+    if platform.libc_ver()[0] == "glibc":
+        assert original() is not None  # glibc has malloc_trim
+    for trim in (original(), None):
+        monkeypatch.setattr(base, "_malloc_trim", lambda trim=trim: trim)
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a reference cycle: only the collector frees it
+        alive = weakref.ref(a)
+        gc.disable()
+        try:
+            del a, b
+            assert alive() is not None
+            base.release_memory()
+            assert alive() is None
+        finally:
+            gc.enable()
