@@ -354,13 +354,20 @@ def _module_retrained(start, fingerprint, file_label, data, weight_bits, act_bit
         start.to("cpu")
         return {"state_dict": start.state_dict(), "metrics": {"top1": accuracy(start, data)}}
 
-    def restore(payload):
-        start.load_state_dict(payload["state_dict"])
-        return start
+    def check(payload):
+        """A loaded entry must fit ``start`` exactly: checked before anything is copied into it, so that a bad
+        entry (which the cache then rebuilds) never leaves ``start`` half-overwritten."""
+        ours, theirs = start.state_dict(), payload["state_dict"]
+        if set(ours) != set(theirs):
+            raise ValueError(f"the entry's tensors {sorted(set(theirs) ^ set(ours))[:5]} do not match the network's")
+        bad = [k for k, v in ours.items() if tuple(v.shape) != tuple(theirs[k].shape)]
+        if bad:
+            raise ValueError(f"the entry's tensors {bad[:5]} have other shapes than the network's")
 
     name = f"{_file_label(file_label)}-w{weight_bits}a{act_bits}-{method}"
-    payload = cached(name, key_fields, build, validate=restore, verbose=verbose)
-    return restore(payload).eval()
+    payload = cached(name, key_fields, build, validate=check, verbose=verbose)
+    start.load_state_dict(payload["state_dict"])
+    return start.eval()
 
 
 def compress(

@@ -305,3 +305,29 @@ def test_the_cli_compresses_a_file_model(nets, tmp_path):
     assert doc["settings"]["model"] == f"{nets}:make_net" and doc["settings"]["requantisation"] == "integer"
     assert [s["stage"] for s in doc["stages"]] == [s for s in pipeline.STAGES if s != "L1 + pruned + distilled"]
     assert doc["headline"]["accuracy_nna"] > 80, doc["headline"]
+
+
+def test_a_bad_cache_entry_leaves_the_network_to_retrain_untouched(monkeypatch, small_data):
+    """The retrained stage loads into the PTQ network: an entry that does not fit is refused before any copy."""
+    from nnlab import quant
+    from nnlab.models import LeNet5
+
+    torch.manual_seed(0)
+    start = quant.quantise_model(LeNet5(), small_data, 8, 8)
+    before = {k: v.clone() for k, v in start.state_dict().items()}
+    seen = {}
+
+    def fake_cached(name, key_fields, build, *, validate=None, verbose=True):
+        bad = {"state_dict": {k: torch.zeros(1) for k in before}}  # every tensor present, every shape wrong
+        with pytest.raises(ValueError, match="other shapes"):
+            validate(bad)
+        with pytest.raises(ValueError, match="do not match"):
+            validate({"state_dict": {}})
+        seen["untouched"] = all(torch.equal(before[k], v) for k, v in start.state_dict().items())
+        return build()
+
+    monkeypatch.setattr(pipeline, "cached", fake_cached)
+    net = pipeline._module_retrained(start, {"class": "LeNet5"}, "LeNet5", small_data, 8, 8, "ste", label="LeNet5",
+                                     quick=True, device="cpu", seed=0, verbose=False)
+    assert seen["untouched"]
+    assert net is start and not net.training
