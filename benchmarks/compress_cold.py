@@ -28,16 +28,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from cli_startup import command_line  # the same way to start nnlab (this folder is on sys.path for a script)
+
 ROOT = Path(__file__).resolve().parents[1]
 GOAL_S = 60.0
-
-
-def command_line() -> list:
-    """How to start nnlab: the installed ``nnlab`` script next to this Python, else ``python -m nnlab.cli``."""
-    script = Path(sys.executable).with_name("nnlab")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "nnlab.cli"]
 
 
 def run_once(model: str, cache: Path, out: Path, pin: bool) -> dict:

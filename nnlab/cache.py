@@ -86,13 +86,14 @@ def environment() -> dict:
     return {"threads": torch.get_num_threads()}
 
 
-def _serialise(obj) -> bytes:
+def _serialise(obj) -> memoryview:
+    """The ``torch.save`` bytes of ``obj``, as a view of the buffer they were saved into (no copy)."""
     # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
     import torch
 
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return buffer.getvalue()
+    return buffer.getbuffer()
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:
@@ -117,15 +118,10 @@ def write_entry(path: str | os.PathLike, key: str, key_fields: dict, payload) ->
     """
     # The header names the key fields "spec", as every file written so far does.
     header = json.dumps({"format": FORMAT, "key": key, "spec": key_fields}, sort_keys=True, default=str).encode()
-    # lazy: importing the cache must not load PyTorch (the command line reads RECIPES first)
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    with buffer.getbuffer() as blob:  # the saved bytes, hashed and written without another copy
-        digest = hashlib.sha256(header + b"\n")
-        digest.update(blob)
-        atomic_write(path, [MAGIC, b"sha256 " + digest.hexdigest().encode() + b"\n", header, b"\n", blob])
+    blob = _serialise(payload)  # hashed and written in pieces: a ResNet's entry is 100 MB, joined it is 200
+    digest = hashlib.sha256(header + b"\n")
+    digest.update(blob)
+    atomic_write(path, [MAGIC, b"sha256 " + digest.hexdigest().encode() + b"\n", header, b"\n", blob])
 
 
 def read_entry(path: str | os.PathLike, key: str | None = None):
@@ -150,8 +146,8 @@ def read_entry(path: str | os.PathLike, key: str | None = None):
         raise CacheEntryError(f"unknown header: {kind}")
     # Positions, not slices: a slice of the file's bytes is a copy, and a ResNet's entry is 100 MB.
     end_line = blob.find(b"\n", len(MAGIC))
-    line = blob[len(MAGIC):end_line] if end_line >= 0 else blob[len(MAGIC):]
-    if not line.startswith(b"sha256 ") or len(line) != len(b"sha256 ") + 64:
+    line = blob[len(MAGIC):end_line]
+    if end_line < 0 or not line.startswith(b"sha256 ") or len(line) != len(b"sha256 ") + 64:
         raise CacheEntryError("unknown header: no checksum line")
     view = memoryview(blob)
     body = view[end_line + 1:]

@@ -502,8 +502,7 @@ def compress(
                      "weight_bits": bits[0] or 32, "act_bits": bits[1] or 32, **figures, "test_images": test_size})
         if keep_models or stage == "retrained low-bit":
             models[stage] = net
-        del net
-        release_memory()
+        release_memory()  # what costing it traced and compiled, before the next stage is built
         return program, table
 
     steps = dict(label=name, quick=quick, device=dev, seed=seed, verbose=verbose)

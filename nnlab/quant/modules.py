@@ -201,13 +201,16 @@ class WeightQuantiser(_LearnedScale, nn.Module):
         if fraction is None:
             self.fraction = None
             return
-        self.fraction = check_float("fraction", fraction, 0.0, 1.0)
-        if redraw or self.priority is None:
+        fraction = check_float("fraction", fraction, 0.0, 1.0)
+        drawn = redraw or self.priority is None
+        if drawn:
             where = generator.device if generator is not None else "cpu"
             self.priority = torch.rand(self.shape, generator=generator, device=where).to(self.scale.device)
-        # The subset as a 0/1 mask in the weights' dtype: forward mixes with one fused lerp (exact for 0 and 1,
-        # and a third of the time of torch.where with its backward on a CPU).
-        self.subset_mask = (self.priority < self.fraction).to(self.scale.dtype)
+        if drawn or fraction != self.fraction or self.subset_mask is None:  # called every step: only on a change
+            # The subset as a 0/1 mask in the weights' dtype: forward mixes with one fused lerp (exact for 0 and 1,
+            # and a third of the time of torch.where with its backward on a CPU).
+            self.subset_mask = (self.priority < fraction).to(self.scale.dtype)
+        self.fraction = fraction
 
     def _mix_subset(self, wq: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``wq`` on the random subset and ``w`` elsewhere, while training with a subset; ``wq`` otherwise."""
